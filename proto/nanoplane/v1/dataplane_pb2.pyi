@@ -1,0 +1,88 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DataPlaneInfo(_message.Message):
+    __slots__ = ("model_name", "model_path", "architecture", "vocab_size", "max_model_len", "block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "eos_token_ids", "dtype", "device", "attention_backend", "kv_bytes_per_token")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_path: str
+    architecture: str
+    vocab_size: int
+    max_model_len: int
+    block_size: int
+    num_kv_blocks: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    device: str
+    attention_backend: str
+    kv_bytes_per_token: int
+    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ...) -> None: ...
+
+class StepPlan(_message.Message):
+    __slots__ = ("step_id", "drop_slots", "new_slots", "new_num_cached_tokens", "new_temperature", "new_top_p", "new_top_k", "new_seed", "new_has_seed", "block_slots", "block_indices", "block_ids", "run_slots", "run_num_tokens", "run_flags", "token_ids")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    DROP_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    NEW_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    NEW_NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEW_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    NEW_TOP_P_FIELD_NUMBER: _ClassVar[int]
+    NEW_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    NEW_SEED_FIELD_NUMBER: _ClassVar[int]
+    NEW_HAS_SEED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_INDICES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    RUN_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    RUN_NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RUN_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    drop_slots: bytes
+    new_slots: bytes
+    new_num_cached_tokens: bytes
+    new_temperature: bytes
+    new_top_p: bytes
+    new_top_k: bytes
+    new_seed: bytes
+    new_has_seed: bytes
+    block_slots: bytes
+    block_indices: bytes
+    block_ids: bytes
+    run_slots: bytes
+    run_num_tokens: bytes
+    run_flags: bytes
+    token_ids: bytes
+    def __init__(self, step_id: _Optional[int] = ..., drop_slots: _Optional[bytes] = ..., new_slots: _Optional[bytes] = ..., new_num_cached_tokens: _Optional[bytes] = ..., new_temperature: _Optional[bytes] = ..., new_top_p: _Optional[bytes] = ..., new_top_k: _Optional[bytes] = ..., new_seed: _Optional[bytes] = ..., new_has_seed: _Optional[bytes] = ..., block_slots: _Optional[bytes] = ..., block_indices: _Optional[bytes] = ..., block_ids: _Optional[bytes] = ..., run_slots: _Optional[bytes] = ..., run_num_tokens: _Optional[bytes] = ..., run_flags: _Optional[bytes] = ..., token_ids: _Optional[bytes] = ...) -> None: ...
+
+class StepResult(_message.Message):
+    __slots__ = ("step_id", "slots", "token_ids")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    slots: bytes
+    token_ids: bytes
+    def __init__(self, step_id: _Optional[int] = ..., slots: _Optional[bytes] = ..., token_ids: _Optional[bytes] = ...) -> None: ...
