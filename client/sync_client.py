@@ -1,0 +1,87 @@
+"""Client: the blocking client of the nanoplane Generation API."""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import grpc
+
+from client.errors import from_rpc_error
+from client.types import (GenerationDelta, GenerationResult, ModelInfo, Prompt, SamplingParams,
+                          chat_messages_proto, delta_from_proto, generate_request)
+from proto.nanoplane.v1 import generation_pb2, generation_pb2_grpc
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 2**20), ("grpc.max_send_message_length", 16 * 2**20)]
+
+
+class Client:
+    """`Client("localhost:50051").generate("Hello")`. `timeout_s` bounds each call (None = no limit)."""
+
+    def __init__(self, target: str = "localhost:50051", *, timeout_s: float | None = None,
+                 channel: grpc.Channel | None = None):
+        self.target = target
+        self.timeout_s = timeout_s
+        self.channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = generation_pb2_grpc.GenerationStub(self.channel)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _timeout(self, timeout_s: float | None) -> float | None:
+        return timeout_s if timeout_s is not None else self.timeout_s
+
+    def generate_stream(self, prompt: Prompt | None = None, params: SamplingParams | None = None, *,
+                        messages: Sequence[dict] | None = None, request_id: str = "",
+                        timeout_s: float | None = None) -> Iterator[GenerationDelta]:
+        """Yields text/token deltas as they are generated; the last has finish_reason and usage.
+        Closing the iterator early cancels the request on the server."""
+        request = generate_request(prompt, params, messages=messages, request_id=request_id)
+        call = self.stub.Generate(request, timeout=self._timeout(timeout_s))
+        try:
+            for pb in call:
+                yield delta_from_proto(pb)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def generate(self, prompt: Prompt | None = None, params: SamplingParams | None = None, *,
+                 messages: Sequence[dict] | None = None, request_id: str = "",
+                 timeout_s: float | None = None) -> GenerationResult:
+        result = GenerationResult()
+        for delta in self.generate_stream(prompt, params, messages=messages, request_id=request_id,
+                                          timeout_s=timeout_s):
+            result.add(delta)
+        return result
+
+    def chat(self, messages: Sequence[dict], params: SamplingParams | None = None, *,
+             timeout_s: float | None = None) -> GenerationResult:
+        return self.generate(params=params, messages=messages, timeout_s=timeout_s)
+
+    def chat_stream(self, messages: Sequence[dict], params: SamplingParams | None = None, *,
+                    timeout_s: float | None = None) -> Iterator[GenerationDelta]:
+        return self.generate_stream(params=params, messages=messages, timeout_s=timeout_s)
+
+    def tokenize(self, text: str | None = None, *, messages: Sequence[dict] | None = None,
+                 add_special_tokens: bool = True) -> list[int]:
+        request = generation_pb2.TokenizeRequest(add_special_tokens=add_special_tokens)
+        if messages is not None:
+            request.messages.CopyFrom(chat_messages_proto(messages))
+        else:
+            request.prompt = text or ""
+        try:
+            return list(self.stub.Tokenize(request, timeout=self.timeout_s).token_ids)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def model_info(self) -> ModelInfo:
+        try:
+            return ModelInfo.from_proto(self.stub.GetModelInfo(generation_pb2.GetModelInfoRequest(),
+                                                               timeout=self.timeout_s))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None

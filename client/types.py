@@ -1,0 +1,111 @@
+"""Plain result and parameter types of the client library, and their protobuf conversions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Sequence, Union
+
+from proto.nanoplane.v1 import generation_pb2
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass
+class SamplingParams:
+    """Named as in vLLM; None leaves the server's default (vLLM's)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def to_proto(self) -> generation_pb2.SamplingParams:
+        pb = generation_pb2.SamplingParams(stop=list(self.stop), stop_token_ids=list(self.stop_token_ids),
+                                           ignore_eos=self.ignore_eos)
+        for name in ("temperature", "top_p", "top_k", "max_tokens", "seed"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(pb, name, value)
+        return pb
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop", "length" or "abort" on the last delta
+    usage: Usage | None = None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str = ""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+    def add(self, delta: GenerationDelta) -> None:
+        self.request_id = delta.request_id
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if delta.finish_reason:
+            self.finish_reason, self.usage = delta.finish_reason, delta.usage
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    architecture: str
+    max_model_len: int
+    kv_capacity_tokens: int
+    block_size: int
+    num_kv_blocks: int
+    vocab_size: int
+    dtype: str
+    device: str
+    attention_backend: str
+    max_num_seqs: int
+
+    @classmethod
+    def from_proto(cls, pb) -> "ModelInfo":
+        return cls(**{f.name: getattr(pb, f.name) for f in fields(cls)})
+
+
+def delta_from_proto(pb: generation_pb2.GenerateResponse) -> GenerationDelta:
+    usage = None
+    if pb.finish_reason:
+        u = pb.usage
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+    return GenerationDelta(pb.request_id, pb.text, list(pb.token_ids), pb.finish_reason or None, usage)
+
+
+def chat_messages_proto(messages: Sequence[dict], add_generation_prompt: bool = True) -> generation_pb2.ChatMessages:
+    return generation_pb2.ChatMessages(
+        messages=[generation_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+        add_generation_prompt=add_generation_prompt)
+
+
+def generate_request(prompt: Prompt | None = None, params: SamplingParams | None = None, *,
+                     messages: Sequence[dict] | None = None, request_id: str = "") -> generation_pb2.GenerateRequest:
+    pb = generation_pb2.GenerateRequest(sampling=(params or SamplingParams()).to_proto(), request_id=request_id)
+    if messages is not None:
+        pb.messages.CopyFrom(chat_messages_proto(messages))
+    elif isinstance(prompt, str):
+        pb.prompt = prompt
+    elif prompt is not None:
+        pb.prompt_token_ids.ids.extend(int(t) for t in prompt)
+    else:
+        raise ValueError("give a prompt (text or token ids) or chat messages")
+    return pb

@@ -1,0 +1,5 @@
+import sys
+
+from controlplane.main import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""The public nanoplane.v1.Generation servicer: validate, convert, hand to the Engine, stream back.
+
+Thin on purpose: the rules live in validation.py, the work in engine.py; this
+module only maps between protobuf and those plain objects, and errors to status codes.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import structlog
+
+from controlplane.engine import Engine, EngineFailure, OutputStream, RequestOutput
+from controlplane.tokenizer import Tokenizer
+from controlplane.validation import InvalidRequest, RequestLimits, chat_messages, validate_generate
+from proto.nanoplane.v1 import generation_pb2, generation_pb2_grpc
+
+log = structlog.get_logger("controlplane.api")
+
+
+def response_of(output: RequestOutput) -> generation_pb2.GenerateResponse:
+    response = generation_pb2.GenerateResponse(request_id=output.request_id, text=output.text,
+                                               token_ids=output.token_ids)
+    if output.finish_reason is not None:
+        response.finish_reason = output.finish_reason
+        u = output.usage
+        response.usage.CopyFrom(generation_pb2.Usage(prompt_tokens=u.prompt_tokens,
+                                                     completion_tokens=u.completion_tokens,
+                                                     cached_prompt_tokens=u.cached_prompt_tokens))
+    return response
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: RequestLimits, model_info: generation_pb2.ModelInfo):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.model_info = model_info
+
+    async def Generate(self, request, context):
+        try:
+            validated = validate_generate(request, self.tokenizer, self.limits)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        request_id = request.request_id or self.engine.new_request_id()
+        stream = OutputStream(asyncio.get_running_loop())
+        self.engine.submit(request_id, validated.prompt_token_ids, validated.sampling, stream)
+        log.info("request accepted", request_id=request_id, prompt_tokens=len(validated.prompt_token_ids),
+                 max_tokens=validated.sampling.max_tokens)
+        finished = False
+        try:
+            while True:
+                output = await stream.get()
+                if isinstance(output, EngineFailure):
+                    finished = True
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, output.message)
+                yield response_of(output)
+                if output.finish_reason is not None:
+                    finished = True
+                    log.info("request finished", request_id=request_id, finish_reason=output.finish_reason,
+                             completion_tokens=output.usage.completion_tokens)
+                    return
+        finally:
+            if not finished:  # cancelled by the client, or its deadline passed
+                self.engine.abort(request_id)
+                log.info("request cancelled", request_id=request_id)
+
+    async def Tokenize(self, request, context):
+        kind = request.WhichOneof("input")
+        try:
+            if kind == "prompt":
+                add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+                ids = self.tokenizer.encode(request.prompt, add_special_tokens=add_special)
+            elif kind == "messages":
+                add_prompt = (request.messages.add_generation_prompt
+                              if request.messages.HasField("add_generation_prompt") else True)
+                ids = self.tokenizer.apply_chat_template(chat_messages(request.messages), add_generation_prompt=add_prompt)
+            else:
+                raise InvalidRequest("input", "set one of prompt or messages")
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{kind}: {e}")
+        return generation_pb2.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids))
+
+    async def GetModelInfo(self, request, context):
+        return self.model_info

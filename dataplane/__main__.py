@@ -1,0 +1,5 @@
+import sys
+
+from dataplane.main import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""DataPlaneConfig: every option of the data plane, filled from flags or environment, validated once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENV_PREFIX = "NANOPLANE_DP_"
+
+
+@dataclass
+class DataPlaneConfig:
+    model: str = ""
+    host: str = "127.0.0.1"
+    port: int = 50061
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 0  # 0 = the model's own
+    num_kv_blocks: int = 0  # 0 = size from memory
+    cpu_kv_cache_gib: float = 1.0
+    gpu_memory_utilization: float = 0.9
+    attention_backend: str = "auto"  # auto | torch | triton | flash-attn
+    enforce_eager: bool = False
+    seed: int = 0
+    num_threads: int = 0  # CPU intra-op threads, 0 = torch's default
+
+    def validate(self) -> None:
+        problems = []
+        if not self.model:
+            problems.append("--model is required (a Hugging Face folder or a .gguf file)")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            problems.append(f"--block-size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            problems.append(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            problems.append("--max-num-batched-tokens must be at least --max-num-seqs")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            problems.append(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_kv_cache_gib <= 0:
+            problems.append(f"--cpu-kv-cache-gib must be positive, got {self.cpu_kv_cache_gib}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            problems.append(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if problems:
+            raise ValueError("invalid data plane configuration: " + "; ".join(problems))
+
+
+HELP = {
+    "model": "Hugging Face folder (config.json + safetensors) or .gguf file to serve",
+    "host": "address the DataPlane gRPC service listens on",
+    "port": "port the DataPlane gRPC service listens on (0 = pick a free one)",
+    "device": "auto, cpu, cuda or cuda:N",
+    "dtype": "weights and KV cache dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16",
+    "block_size": "tokens per KV cache block",
+    "max_num_seqs": "sequences per step (batch slots)",
+    "max_num_batched_tokens": "tokens per step (the chunked-prefill budget)",
+    "max_model_len": "longest sequence (prompt + output); 0 = the model's own",
+    "num_kv_blocks": "KV cache blocks; 0 = size from memory",
+    "cpu_kv_cache_gib": "KV cache size on CPU when --num-kv-blocks is 0",
+    "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
+    "attention_backend": "auto, torch, triton or flash-attn",
+    "enforce_eager": "disable CUDA graphs",
+    "seed": "seed of the data plane's sampler for unseeded requests",
+    "num_threads": "CPU threads for torch (0 = torch's default)",
+}

@@ -1,0 +1,62 @@
+"""`nanoplane dataplane`: load the model, size the KV cache, serve DataPlane over gRPC until SIGTERM."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+import structlog
+
+from dataplane.config import ENV_PREFIX, HELP, DataPlaneConfig
+from proto.logs import configure_logging
+from proto.options import add_config_arguments, config_from_args, describe_config
+
+log = structlog.get_logger("dataplane")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="nanoplane dataplane", description=__doc__)
+    add_config_arguments(parser, DataPlaneConfig, ENV_PREFIX, HELP)
+    return parser
+
+
+def run(config: DataPlaneConfig, ready_file: str | None = None) -> int:
+    from dataplane.runner import ModelRunner
+    from dataplane.server import build_server, set_serving
+
+    log.info("starting data plane", **describe_config(config))
+    runner = ModelRunner(config)
+    server, port, health_servicer = build_server(runner, config.host, config.port)
+    server.start()
+    set_serving(health_servicer, True)
+    log.info("data plane serving", address=f"{config.host}:{port}")
+    if ready_file:  # tells a parent process which port was picked; rename so it never reads half a file
+        with open(ready_file + ".tmp", "w") as f:
+            f.write(str(port))
+        os.replace(ready_file + ".tmp", ready_file)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    set_serving(health_servicer, False)
+    server.stop(grace=2).wait()
+    log.info("data plane stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
+    parser = build_parser()
+    parser.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(DataPlaneConfig, args)
+    except ValueError as e:
+        parser.error(str(e))
+    return run(config, args.ready_file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
