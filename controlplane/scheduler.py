@@ -1,0 +1,229 @@
+"""Decides each step who runs and how many tokens: vLLM v1's unified token budget.
+
+Running sequences go first, in admission order, each taking what it still needs
+(1 token for a decode, a chunk for an unfinished prompt) from `max_num_batched_tokens`;
+when KV blocks run out the most recently admitted one is preempted by recompute.
+Waiting sequences are then admitted FIFO while budget, blocks and data-plane slots
+last. The BlockManager hands out blocks; the PlanBuilder encodes the decision as a
+StepPlan; `postprocess` takes the data plane's StepResult back.
+
+Slot reuse: a slot released since the last plan (finished, aborted, preempted) goes
+into the next plan's `drop_slots` and may be given to a new sequence in that same plan:
+the data plane applies a plan's drops before its new entries.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass
+
+from controlplane.block_manager import BlockManager
+from controlplane.plan_builder import PlanBuilder, ScheduledRun
+from controlplane.sequence import FinishReason, Sequence, SequenceStatus
+from proto.step import StepPlan, StepResult
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    num_blocks: int
+    block_size: int
+    max_num_seqs: int  # data-plane batch slots
+    max_num_batched_tokens: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...] = ()
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def max_seq_len(self) -> int:
+        # A sequence longer than the whole KV cache would preempt itself forever, so it stops
+        # there even when the model allows more (validation keeps requests within both).
+        return min(self.max_model_len, self.num_blocks * self.block_size)
+
+
+class SlotTable:
+    """The data plane's batch slots: who sits where, and which releases the next plan must announce."""
+
+    def __init__(self, num_slots: int):
+        self.seqs: list[Sequence | None] = [None] * num_slots
+        self.free = list(range(num_slots))  # a heap: lowest slot first keeps the batch compact
+        self.pending_drops: list[int] = []
+
+    def has_free(self) -> bool:
+        return bool(self.free)
+
+    def assign(self, seq: Sequence) -> None:
+        seq.slot = heapq.heappop(self.free)
+        self.seqs[seq.slot] = seq
+
+    def release(self, seq: Sequence) -> None:
+        assert self.seqs[seq.slot] is seq
+        self.seqs[seq.slot] = None
+        heapq.heappush(self.free, seq.slot)
+        self.pending_drops.append(seq.slot)
+        seq.slot = None
+        seq.num_blocks_sent = 0
+        seq.last_token_on_device = False
+
+    def take_drops(self) -> list[int]:
+        drops, self.pending_drops = self.pending_drops, []
+        return drops
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.plan_builder = PlanBuilder()
+        self.slots = SlotTable(config.max_num_seqs)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order
+        self.seqs: dict[str, Sequence] = {}  # unfinished, by id
+        self._eos_token_ids = frozenset(config.eos_token_ids)
+        self._arrivals = itertools.count()
+        self.num_preemptions = 0  # over the scheduler's life, for tests and metrics
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    def seq_at_slot(self, slot: int) -> Sequence | None:
+        return self.slots.seqs[slot]
+
+    def add(self, seq: Sequence) -> None:
+        assert seq.status is SequenceStatus.WAITING and seq.seq_id not in self.seqs
+        assert seq.num_tokens < self.config.max_seq_len, "validation must reject prompts this long"
+        seq.arrival = next(self._arrivals)
+        self.seqs[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, seq_id: str) -> Sequence | None:
+        seq = self.seqs.get(seq_id)
+        if seq is not None:
+            self.finish(seq, FinishReason.ABORT)
+        return seq
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Retires seq now: frees its blocks, and its slot is dropped in the next plan."""
+        assert self.seqs.pop(seq.seq_id) is seq, f"{seq.seq_id} is not unfinished here"
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.slots.release(seq)
+        else:
+            self.waiting.remove(seq)
+        if seq.block_table:
+            self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def schedule(self) -> StepPlan | None:
+        """Plans one step; None when nothing can run (pending drops then ride on the next plan)."""
+        budget = self.config.max_num_batched_tokens
+        runs: list[ScheduledRun] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            assert n > 0, f"{seq.seq_id} is running with nothing to compute"
+            if not self._reserve_or_preempt(seq, n):
+                break  # seq preempted itself; everything after it already was
+            runs.append(self._take(seq, n, is_new=False))
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and self.slots.has_free():
+            run = self._admit(self.waiting[0], budget)
+            if run is None:
+                break  # the oldest waits for blocks; later arrivals must not overtake it
+            runs.append(run)
+            budget -= run.num_tokens
+        if not runs:
+            return None
+        return self.plan_builder.build(self.slots.take_drops(), runs)
+
+    def postprocess(self, plan: StepPlan, result: StepResult) -> list[tuple[Sequence, int]]:
+        """Appends each sampled token to its sequence and finishes those that stop; returns (seq, token) in result order."""
+        if result.step_id != plan.step_id:
+            raise ValueError(f"result of step {result.step_id} given for plan {plan.step_id}")
+        out: list[tuple[Sequence, int]] = []
+        for slot, token in zip(result.slots.tolist(), result.token_ids.tolist()):
+            seq = self.slots.seqs[slot]
+            if seq is None:
+                continue  # aborted while the step ran
+            assert seq.num_computed_tokens == seq.num_tokens, f"{seq.seq_id} sampled before its prompt was computed"
+            seq.token_ids.append(token)
+            seq.last_token_on_device = True
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+            out.append((seq, token))
+        return out
+
+    def check_invariants(self) -> None:
+        """For tests: blocks and slots agree with the live sequences."""
+        self.block_manager.check_invariants([s.block_table for s in self.seqs.values()])
+        assert sorted(self.slots.free + [s.slot for s in self.running]) == list(range(self.config.max_num_seqs))
+        assert all(self.slots.seqs[s.slot] is s for s in self.running)
+        assert all(not s.block_table and s.slot is None for s in self.waiting)
+
+    def _reserve_or_preempt(self, seq: Sequence, n: int) -> bool:
+        while not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + n):
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        self.slots.release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit(self, seq: Sequence, budget: int) -> ScheduledRun | None:
+        num_cached = self.block_manager.allocate_prefix(seq)
+        n = min(seq.num_tokens - num_cached, budget)
+        if not self.block_manager.ensure_slots(seq, num_cached + n):
+            if seq.block_table:
+                self.block_manager.free(seq)
+            return None
+        self.waiting.popleft()
+        if seq.num_preemptions == 0:
+            seq.num_cached_prompt_tokens = num_cached
+        seq.num_computed_tokens = num_cached
+        seq.status = SequenceStatus.RUNNING
+        self.slots.assign(seq)
+        self.running.append(seq)
+        return self._take(seq, n, is_new=True)
+
+    def _take(self, seq: Sequence, n: int, is_new: bool) -> ScheduledRun:
+        start = seq.num_computed_tokens
+        assert start + n <= self.config.max_seq_len
+        # registered now, not after the step ran: a sequence admitted later in this same step
+        # may hit these blocks, because the data plane writes a layer's KV for the whole
+        # batch before any attention of that layer reads it
+        self.block_manager.register_full_blocks(seq, start + n)
+        seq.num_computed_tokens = start + n
+        return ScheduledRun(seq, start, n, is_new)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        sampling = seq.sampling
+        if token in sampling.stop_token_ids or (not sampling.ignore_eos and token in self._eos_token_ids):
+            return FinishReason.STOP
+        if seq.num_completion_tokens >= sampling.max_tokens or seq.num_tokens >= self.config.max_seq_len:
+            return FinishReason.LENGTH
+        return None
