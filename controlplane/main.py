@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -56,7 +57,22 @@ def build_engine(config: ControlPlaneConfig):
     return Engine(scheduler, tokenizer, dataplane), tokenizer, limits, model_info
 
 
-async def serve(config: ControlPlaneConfig, ready: asyncio.Event | None = None) -> None:
+@dataclass
+class RunningControlPlane:
+    server: grpc.aio.Server
+    engine: Engine
+    health: health.aio.HealthServicer
+    port: int
+    model_info: generation_pb2.ModelInfo
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace=grace_s)
+        self.engine.stop()
+
+
+async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane:
     engine, tokenizer, limits, model_info = build_engine(config)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -75,19 +91,18 @@ async def serve(config: ControlPlaneConfig, ready: asyncio.Event | None = None) 
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("control plane serving", address=f"{config.host}:{port}", model=model_info.model_name)
+    return RunningControlPlane(server, engine, health_servicer, port, model_info)
 
+
+async def serve(config: ControlPlaneConfig) -> None:
+    running = await start_control_plane(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
     await stop.wait()
     log.info("shutting down: finishing in-flight requests", grace_s=10)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(grace=10)
-    engine.stop()
+    await running.stop(grace_s=10)
     log.info("control plane stopped")
 
 

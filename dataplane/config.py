@@ -9,6 +9,7 @@ ENV_PREFIX = "NANOPLANE_DP_"
 @dataclass
 class DataPlaneConfig:
     model: str = ""
+    load_format: str = "auto"  # auto | dummy (random weights from config.json alone, for benchmarks)
     host: str = "127.0.0.1"
     port: int = 50061
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -39,6 +40,8 @@ class DataPlaneConfig:
             problems.append(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.cpu_kv_cache_gib <= 0:
             problems.append(f"--cpu-kv-cache-gib must be positive, got {self.cpu_kv_cache_gib}")
+        if self.load_format not in ("auto", "dummy"):
+            problems.append(f"--load-format must be auto or dummy, got {self.load_format!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             problems.append(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if problems:
@@ -47,6 +50,7 @@ class DataPlaneConfig:
 
 HELP = {
     "model": "Hugging Face folder (config.json + safetensors) or .gguf file to serve",
+    "load_format": "auto (weights from the checkpoint) or dummy (random weights of config.json's architecture)",
     "host": "address the DataPlane gRPC service listens on",
     "port": "port the DataPlane gRPC service listens on (0 = pick a free one)",
     "device": "auto, cpu, cuda or cuda:N",

@@ -1,0 +1,196 @@
+"""Offline throughput on Nano-vLLM's bench.py workload, through the real two-process split.
+
+    python benchmarks/throughput.py                 # data plane as its own process, gRPC between the planes
+    python benchmarks/throughput.py --in-process    # the same engine without the process boundary
+
+Workload (DESIGN.md): random.seed(0); 256 sequences; prompt lengths U[100, 1024] of token
+ids U[0, 10000]; max_tokens U[100, 1024]; ignore_eos; temperature 0.6 -> 133,966 output
+tokens. Model: Qwen3-0.6B architecture with random bf16 weights unless --model is given.
+
+Prints output tokens, seconds, tok/s, and the fraction of the memory-bandwidth lower
+bound: every decode step reads the weights once and every generated token reads the KV
+of its whole context once; bytes / the device's measured copy bandwidth is the floor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from controlplane.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from controlplane.sequence import SamplingOptions, Sequence  # noqa: E402
+
+QWEN3_0_6B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
+    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 151936, "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "attention_bias": False, "torch_dtype": "bfloat16", "bos_token_id": 151643,
+    "eos_token_id": 151645, "hidden_act": "silu",
+}
+
+
+def workload(num_seqs: int, max_input_len: int, max_output_len: int):
+    random.seed(0)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, max_input_len))] for _ in range(num_seqs)]
+    max_tokens = [random.randint(100, max_output_len) for _ in range(num_seqs)]
+    return prompts, max_tokens
+
+
+def lower_bound_s(prompts, max_tokens, weight_bytes: int, kv_bytes_per_token: int, bandwidth: float) -> float:
+    """Bytes every decode step must read (weights once per step, each token's whole context of KV)."""
+    kv_tokens_read = sum(o * len(p) + o * (o - 1) // 2 for p, o in zip(prompts, max_tokens))
+    num_steps = max(max_tokens)  # all sequences decode side by side when the KV cache holds them
+    return (num_steps * weight_bytes + kv_tokens_read * kv_bytes_per_token) / bandwidth
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy, counting bytes read plus bytes written (B/s)."""
+    import torch
+
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.randn(512 * 2**20 // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * src.numel() * src.element_size() / times[len(times) // 2]
+
+
+class LocalDataPlane:
+    """The data plane without the process boundary: plans go straight to a ModelRunner."""
+
+    def __init__(self, config):
+        from dataplane.runner import ModelRunner
+
+        self.runner = ModelRunner(config)
+
+    def step(self, plan):
+        return self.runner.execute(plan)
+
+
+def run_engine(dataplane, info: dict, prompts, max_tokens, temperature: float) -> tuple[int, float]:
+    scheduler = Scheduler(SchedulerConfig(
+        num_blocks=info["num_kv_blocks"], block_size=info["block_size"], max_num_seqs=info["max_num_seqs"],
+        max_num_batched_tokens=info["max_num_batched_tokens"], max_model_len=info["max_model_len"]))
+    for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+        scheduler.add(Sequence(f"s{i}", p, SamplingOptions(max_tokens=m, temperature=temperature, ignore_eos=True)))
+    num_tokens = 0
+    start = time.perf_counter()
+    while scheduler.has_unfinished():
+        plan = scheduler.schedule()
+        if plan is None:
+            continue
+        num_tokens += len(scheduler.postprocess(plan, dataplane.step(plan)))
+    return num_tokens, time.perf_counter() - start
+
+
+def dataplane_args(args, model_dir: str) -> list[str]:
+    out = ["--model", model_dir, "--max-num-seqs", str(args.max_num_seqs),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", "4096"]
+    if args.dummy:
+        out += ["--load-format", "dummy"]
+    if args.enforce_eager:
+        out.append("--enforce-eager")
+    if args.attention_backend:
+        out += ["--attention-backend", args.attention_backend]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF folder; default: Qwen3-0.6B architecture, random weights")
+    parser.add_argument("--in-process", action="store_true", help="no process boundary between the planes")
+    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--max-input-len", type=int, default=1024)
+    parser.add_argument("--max-output-len", type=int, default=1024)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--attention-backend", default=None)
+    parser.add_argument("--json-out", default=None, help="also write the figures here as JSON")
+    args = parser.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="nanoplane-bench-")
+    args.dummy = args.model is None
+    model_dir = args.model or tmp
+    if args.dummy:
+        Path(tmp, "config.json").write_text(json.dumps(QWEN3_0_6B))
+    prompts, max_tokens = workload(args.num_seqs, args.max_input_len, args.max_output_len)
+
+    from dataplane.config import DataPlaneConfig
+    from dataplane.main import build_parser
+    from proto.options import config_from_args
+
+    dp_config = config_from_args(DataPlaneConfig, build_parser().parse_args(dataplane_args(args, model_dir)))
+    proc = None
+    if args.in_process:
+        dataplane = LocalDataPlane(dp_config)
+        facts = dataplane.runner.facts()
+        info = {k: getattr(facts, k) for k in ("num_kv_blocks", "block_size", "max_num_seqs",
+                                               "max_num_batched_tokens", "max_model_len", "kv_bytes_per_token")}
+    else:
+        from controlplane.dataplane_client import DataPlaneClient
+
+        ready = os.path.join(tmp, "port")
+        proc = subprocess.Popen([sys.executable, "-m", "dataplane", "--port", "0", "--ready-file", ready,
+                                 *dataplane_args(args, model_dir)], cwd=Path(__file__).resolve().parents[1])
+        while not os.path.exists(ready):
+            if proc.poll() is not None:
+                sys.exit("the data plane exited before it was ready")
+            time.sleep(0.2)
+        dataplane = DataPlaneClient(f"127.0.0.1:{open(ready).read()}")
+        pb = dataplane.describe(600)
+        info = {k: getattr(pb, k) for k in ("num_kv_blocks", "block_size", "max_num_seqs",
+                                            "max_num_batched_tokens", "max_model_len", "kv_bytes_per_token")}
+    try:
+        run_engine(dataplane, info, [prompts[0][:100]], [16], 0.6)  # warm-up: compile kernels, capture graphs
+        num_tokens, seconds = run_engine(dataplane, info, prompts, max_tokens, 0.6)
+    finally:
+        if proc is not None:
+            dataplane.close()
+            proc.terminate()
+            proc.wait(30)
+
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bandwidth = copy_bandwidth(device)
+    h = QWEN3_0_6B
+    weight_params = (h["vocab_size"] * h["hidden_size"] + h["num_hidden_layers"] * (
+        h["hidden_size"] * (h["num_attention_heads"] + 2 * h["num_key_value_heads"]) * h["head_dim"]
+        + h["num_attention_heads"] * h["head_dim"] * h["hidden_size"] + 3 * h["hidden_size"] * h["intermediate_size"]))
+    bound = lower_bound_s(prompts, max_tokens, weight_params * 2, info["kv_bytes_per_token"], bandwidth)
+    figures = {
+        "mode": "in-process" if args.in_process else "split (gRPC)", "device": torch.cuda.get_device_name()
+        if device.type == "cuda" else "cpu", "output_tokens": num_tokens, "seconds": round(seconds, 3),
+        "tok_per_s": round(num_tokens / seconds, 1), "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
+        "lower_bound_s": round(bound, 3), "fraction_of_bound": round(bound / seconds, 3),
+        "num_kv_blocks": info["num_kv_blocks"], "block_size": info["block_size"],
+    }
+    print(json.dumps(figures))
+    print(f"Total: {num_tokens} tok, Time: {seconds:.2f}s, Throughput: {num_tokens / seconds:.2f} tok/s, "
+          f"{100 * bound / seconds:.1f}% of the memory-bandwidth bound ({bound:.2f}s)")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
