@@ -1,0 +1,127 @@
+"""Sampler: one token id per row of the LM head's logits.
+
+Greedy rows (temperature ~0) take the argmax of the raw logits. The others are
+divided by their temperature, filtered by top-k and then top-p (vLLM's order) and
+drawn with the exponential race argmax(p / E), E ~ Exp(1), which samples exactly
+from p (the Gumbel-max trick without logs). Unseeded rows draw E from the runner's
+generator. A seeded row's E is a counter-based stream: a 32-bit integer hash of
+(token id, key) with key = hash64(seed, position), so its tokens do not depend on the
+rest of the batch, on scheduling or preemption, or on the device (integer ops give
+the same bits on CPU and GPU), and all seeded rows are drawn in one vectorised pass.
+The runner calls `sample` after compute_logits, with the params BatchState gathered.
+"""
+from __future__ import annotations
+
+import torch
+
+GREEDY_TEMPERATURE = 1e-5
+_MASK32 = (1 << 32) - 1
+_MASK64 = (1 << 64) - 1
+
+
+class Sampler:
+    def sample(self, logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+               seed: torch.Tensor, has_seed: torch.Tensor, positions: torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """logits [N, V]; per row: temperature f32, top_p f32, top_k i32 (-1 = off),
+        seed i64, has_seed bool, positions i64 (index of the token being sampled).
+        Returns the sampled ids, int64 [N], on the logits' device."""
+        logits = logits.float()
+        device, vocab_size = logits.device, logits.shape[-1]
+        temperature, top_p, top_k = temperature.to(device), top_p.to(device), top_k.to(device)
+        greedy = temperature < GREEDY_TEMPERATURE
+        greedy_ids = logits.argmax(dim=-1)
+        needs_filter = ~greedy & (((top_k > 0) & (top_k < vocab_size)) | (top_p < 1.0))
+        seeded = has_seed.to(device) & ~greedy
+        # every decision below in one device-to-host sync
+        all_greedy, any_filter, any_seeded, all_seeded = torch.stack(
+            [greedy.all(), needs_filter.any(), seeded.any(), (seeded | greedy).all()]).tolist()
+        if all_greedy:
+            return greedy_ids
+
+        scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
+        if any_filter:
+            rows = needs_filter.nonzero().squeeze(1)
+            if len(rows) == len(scaled):
+                scaled = apply_top_k_top_p(scaled, top_k, top_p)
+            else:
+                scaled[rows] = apply_top_k_top_p(scaled[rows], top_k[rows], top_p[rows])
+        probs = scaled.softmax(dim=-1)
+
+        noise = torch.ones_like(probs)  # what greedy rows keep when every other row is seeded
+        if not all_seeded:
+            noise = _unseeded_noise(probs.shape, device, generator)
+        if any_seeded:
+            rows = seeded.nonzero().squeeze(1)
+            seeds, row_positions = torch.stack([seed.to(device)[rows], positions.to(device)[rows]]).tolist()
+            keys = [mix_seed(s, p) for s, p in zip(seeds, row_positions)]
+            noise[rows] = seeded_noise(keys, vocab_size, device)
+        # Exp(1) can return exactly 0 in float32; 0/0 would be NaN and win the argmax
+        noise.clamp_min_(torch.finfo(torch.float32).tiny)
+        sampled_ids = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, greedy_ids, sampled_ids)
+
+    __call__ = sample
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf what top-k (k largest; <= 0 = off) and then top-p (smallest set
+    with mass >= p among the survivors; >= 1 = off) drop. Keeps at least one token."""
+    num_rows, vocab_size = logits.shape
+    # stable: among equal logits the lower id ranks first, as torch.argmax picks it
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    ranks = torch.arange(vocab_size, device=logits.device).expand(num_rows, vocab_size)
+    k = torch.where((top_k > 0) & (top_k < vocab_size), top_k, vocab_size).to(torch.long)
+    sorted_logits = sorted_logits.masked_fill(ranks >= k.unsqueeze(1), float("-inf"))
+
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    p = torch.where(top_p < 1.0, top_p.float(), float("inf"))
+    drop = mass_before >= p.unsqueeze(1)
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def seeded_noise(keys: list[int], vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Exp(1) noise [len(keys), V], element (r, v) a function of (keys[r], v) only.
+
+    A torch.Generator per row would cost milliseconds per row on the CPU (1.1 s a
+    step for 256 seeded rows of a 152k vocabulary); this is a few elementwise ops."""
+    halves = torch.tensor([[k & _MASK32, k >> 32] for k in keys], dtype=torch.int64, device=device)
+    x = torch.arange(vocab_size, dtype=torch.int64, device=device).expand(len(keys), -1) ^ halves[:, :1]
+    x = _hash32_(x)
+    x ^= halves[:, 1:]
+    x = _hash32_(x)
+    # 24 random bits → u in (0, 1), exact in float32, never 0 or 1
+    u = (x >> 8).to(torch.float32).add_(0.5).mul_(2.0 ** -24)
+    return u.log_().neg_()
+
+
+def mix_seed(seed: int, position: int) -> int:
+    """64-bit hash of (seed, position) (splitmix64 finaliser, chained)."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (position & _MASK64))
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _hash32_(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons), in place on int64 holding 32-bit values: a bijection
+    with near-ideal avalanche. Products may wrap int64; their low 32 bits are exact."""
+    x ^= x >> 16
+    x.mul_(0x7FEB352D).bitwise_and_(_MASK32)
+    x ^= x >> 15
+    x.mul_(0x846CA68B).bitwise_and_(_MASK32)
+    x ^= x >> 16
+    return x
+
+
+def _unseeded_noise(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    noise_device = generator.device if generator is not None else device
+    noise = torch.empty(shape, dtype=torch.float32, device=noise_device).exponential_(generator=generator)
+    return noise.to(device)
