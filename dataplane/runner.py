@@ -6,6 +6,7 @@ return the sampled ids. The control plane decides everything else.
 """
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass
 
@@ -16,11 +17,12 @@ import torch
 from dataplane.attention import available_backends
 from dataplane.batch_state import BatchState, PlanError
 from dataplane.config import DataPlaneConfig
-from dataplane.context import forward_context
+from dataplane.context import AttentionMetadata, forward_context
+from dataplane.cuda_graphs import DecodeGraphs
 from dataplane.kv_cache import allocate_kv_cache, bind_kv_cache, num_blocks_for_bytes
 from dataplane.layers.attention import set_attention_backend
 from dataplane.layers.sampler import Sampler
-from dataplane.loader import load_model
+from dataplane.loader import load_dummy_model, load_model
 from dataplane.model_config import ModelConfig
 from proto.step import StepPlan, StepResult
 
@@ -59,6 +61,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_attention_backend(name: str, device: torch.device) -> str:
+    if device.type == "cuda":
+        for module in ("dataplane.attention.flash_attn_backend", "dataplane.attention.triton_backend"):
+            try:
+                importlib.import_module(module)  # registers itself when its library is importable
+            except ImportError as e:
+                log.info("attention backend unavailable", module=module, reason=str(e))
     backends = available_backends()
     if name == "auto":
         if device.type == "cuda":
@@ -83,19 +91,29 @@ class ModelRunner:
         set_attention_backend(self.attention_backend)
 
         started = time.perf_counter()
-        self.model, self.model_config = load_model(config.model, self.dtype, self.device)
+        torch.manual_seed(config.seed)  # dummy weights are reproducible
+        if config.load_format == "dummy":
+            self.model, self.model_config = load_dummy_model(config.model, self.dtype, self.device)
+        else:
+            self.model, self.model_config = load_model(config.model, self.dtype, self.device)
         self.model.eval()
         mc: ModelConfig = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_blocks_per_seq = (self.max_model_len + config.block_size - 1) // config.block_size
         self.num_blocks = self._size_kv_cache(mc)
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, config.block_size, self.dtype, self.device)
         bind_kv_cache(self.model, self.kv_cache)
-        max_blocks_per_seq = (self.max_model_len + config.block_size - 1) // config.block_size
-        self.batch = BatchState(config.max_num_seqs, max_blocks_per_seq, config.block_size, self.num_blocks,
+        self.batch = BatchState(config.max_num_seqs, self.max_blocks_per_seq, config.block_size, self.num_blocks,
                                 self.max_model_len, mc.vocab_size, self.device)
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager and self.attention_backend != "torch":
+            self.graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq, self.max_model_len,
+                                       mc.hidden_size, self.dtype, self.device)
+            self.graphs.capture()
         log.info("data plane ready", model=config.model, architecture=mc.architecture, device=str(self.device),
+                 cuda_graphs=self.graphs.batch_sizes if self.graphs else None,
                  dtype=dtype_name, attention_backend=self.attention_backend, num_kv_blocks=self.num_blocks,
                  block_size=config.block_size, max_model_len=self.max_model_len,
                  load_s=round(time.perf_counter() - started, 2))
@@ -105,14 +123,53 @@ class ModelRunner:
         if cfg.num_kv_blocks > 0:
             return cfg.num_kv_blocks
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1 - cfg.gpu_memory_utilization) * total
+            budget = self._gpu_kv_budget(mc)
         else:
             budget = cfg.cpu_kv_cache_gib * 2**30
         num_blocks = num_blocks_for_bytes(mc, cfg.block_size, self.dtype, int(budget))
         if num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB)")
         return num_blocks
+
+    @torch.inference_mode()
+    def _gpu_kv_budget(self, mc: ModelConfig) -> float:
+        """Bytes left for the KV cache: total × utilisation − what is in use − the activation peak of
+        a warm-up forward over max_num_batched_tokens (run against a scratch cache just big enough)."""
+        cfg = self.config
+        tokens = cfg.max_num_batched_tokens
+        seq_len = min(tokens, self.max_model_len)
+        num_seqs = (tokens + seq_len - 1) // seq_len
+        blocks_per_seq = (seq_len + cfg.block_size - 1) // cfg.block_size
+        scratch = allocate_kv_cache(mc, num_seqs * blocks_per_seq, cfg.block_size, self.dtype, self.device)
+        bind_kv_cache(self.model, scratch)
+        lens = [min(seq_len, tokens - i * seq_len) for i in range(num_seqs)]
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        tables = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32, device=self.device).view(num_seqs, -1)
+        slots = torch.cat([tables[i, torch.arange(n, device=self.device) // cfg.block_size].long() * cfg.block_size
+                           + torch.arange(n, device=self.device) % cfg.block_size for i, n in enumerate(lens)])
+        meta = AttentionMetadata(
+            slot_mapping=slots, query_start_loc=torch.tensor(cu, dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device), block_tables=tables,
+            max_query_len=max(lens), max_seq_len=max(lens), query_start_loc_cpu=cu, seq_lens_cpu=lens)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        with forward_context(meta):
+            hidden = self.model(torch.zeros(tokens, dtype=torch.long, device=self.device), positions)
+            self.model.compute_logits(hidden[-cfg.max_num_seqs:])
+        torch.cuda.synchronize()
+        activation_peak = torch.cuda.max_memory_allocated(self.device) - before
+        del scratch, hidden
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        in_use = total - free
+        budget = total * cfg.gpu_memory_utilization - in_use - activation_peak
+        log.info("sized KV cache from GPU memory", total_gib=round(total / 2**30, 2), in_use_gib=round(in_use / 2**30, 2),
+                 activation_peak_gib=round(activation_peak / 2**30, 2), kv_budget_gib=round(budget / 2**30, 2))
+        return budget
 
     def facts(self) -> DataPlaneFacts:
         mc = self.model_config
@@ -137,8 +194,11 @@ class ModelRunner:
         inputs = self.batch.apply(plan)
         if inputs is None:
             return StepResult(step_id=plan.step_id)
-        with forward_context(inputs.meta):
-            hidden = self.model(inputs.input_ids, inputs.positions)
+        if self.graphs is not None and self.graphs.can_run(inputs.meta):
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            with forward_context(inputs.meta):
+                hidden = self.model(inputs.input_ids, inputs.positions)
         if len(inputs.sampled_slots) == 0:
             return StepResult(step_id=plan.step_id)
         logits = self.model.compute_logits(hidden[inputs.sample_indices])

@@ -1,0 +1,79 @@
+"""CUDA graphs for decode steps: one graph per batch size of a ladder, replayed with padded inputs.
+
+Captured sizes are 1, 2, 4, 8, then steps of 16 up to max_num_seqs; a decode batch of
+n sequences replays the smallest graph of size >= n, its extra rows padded (slot
+mapping -1, so they write no KV; context length 1, so they read one harmless slot).
+Every graph reads the same static input buffers and writes one static output, and all
+share one memory pool. Attention metadata inside a graph must come from tensors alone:
+max_seq_len is pinned to max_model_len at capture, so the kernels size their grids for
+the longest context and read each sequence's real length from seq_lens.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dataplane.context import AttentionMetadata, forward_context
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs]
+    sizes += list(range(16, max_num_seqs + 1, 16))
+    if sizes[-1] < max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, model: nn.Module, max_num_seqs: int, max_blocks_per_seq: int, max_model_len: int,
+                 hidden_size: int, dtype: torch.dtype, device: torch.device):
+        self.model = model
+        self.max_model_len = max_model_len
+        self.batch_sizes = graph_batch_sizes(max_num_seqs)
+        n = self.batch_sizes[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
+            seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
+            max_seq_len=self.max_model_len)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        for bs in reversed(self.batch_sizes):  # largest first, so smaller graphs reuse its pool
+            graph = torch.cuda.CUDAGraph()
+            with forward_context(self._meta(bs)):
+                self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up, compiles kernels
+                torch.cuda.synchronize()
+                with torch.cuda.graph(graph, pool):
+                    self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        return bool(self.graphs) and meta.is_decode_only and meta.num_seqs <= self.batch_sizes[-1]
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        n = meta.num_seqs
+        bs = next(s for s in self.batch_sizes if s >= n)
+        self.input_ids[:n] = input_ids
+        self.positions[:n] = positions
+        self.slot_mapping[:n] = meta.slot_mapping
+        self.slot_mapping[n:bs] = -1
+        self.seq_lens[:n] = meta.seq_lens
+        self.seq_lens[n:bs] = 1
+        width = meta.block_tables.shape[1]
+        self.block_tables[:n, :width] = meta.block_tables
+        self.block_tables[n:bs] = 0
+        self.graphs[bs].replay()
+        return self.hidden[:n]

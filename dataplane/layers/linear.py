@@ -1,0 +1,109 @@
+"""Linear layers split for tensor parallelism, each loading its own shard of a checkpoint weight.
+
+Column-parallel layers split the output features over ranks; row-parallel layers split
+the input features and sum the partial outputs (all-reduce). Merged and QKV layers hold
+several checkpoint tensors side by side; their `weight_loader` takes a shard id saying
+which one it is given, so the loader can stay one loop over checkpoint keys.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dataplane.distributed import all_reduce, divide, get_tp_rank, get_tp_size
+
+
+def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
+    # copy_ would broadcast a wrongly shaped tensor silently; a checkpoint mismatch must fail loudly
+    if dst.shape != src.shape:
+        raise ValueError(f"weight shape mismatch: checkpoint has {tuple(src.shape)}, the model expects {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_dim: int | None = None):
+        super().__init__()
+        self.tp_dim = tp_dim
+        self.tp_rank = get_tp_rank()
+        self.tp_size = get_tp_size()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        copy_weight(param.data, loaded_weight)
+
+
+class ColumnParallelLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        super().__init__(input_size, divide(output_size, get_tp_size()), bias, tp_dim=0)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        shard_size = param.data.size(0)
+        copy_weight(param.data, loaded_weight.narrow(0, self.tp_rank * shard_size, shard_size))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (gate and up projections)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, loaded_shard_id: int) -> None:
+        shard_offset = sum(self.output_sizes[:loaded_shard_id]) // self.tp_size
+        shard_size = self.output_sizes[loaded_shard_id] // self.tp_size
+        dst = param.data.narrow(0, shard_offset, shard_size)
+        copy_weight(dst, loaded_weight.narrow(0, self.tp_rank * shard_size, shard_size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Q, K and V projections in one matmul; each rank holds its heads of all three."""
+
+    def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
+                 total_num_kv_heads: int | None = None, bias: bool = False):
+        total_num_kv_heads = total_num_kv_heads or total_num_heads
+        tp_size = get_tp_size()
+        self.head_size = head_size
+        self.num_heads = divide(total_num_heads, tp_size)
+        self.num_kv_heads = divide(total_num_kv_heads, tp_size)
+        super().__init__(hidden_size, (total_num_heads + 2 * total_num_kv_heads) * head_size, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, loaded_shard_id: str) -> None:
+        q_size = self.num_heads * self.head_size
+        kv_size = self.num_kv_heads * self.head_size
+        offsets = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}
+        if loaded_shard_id not in offsets:
+            raise ValueError(f"QKV shard id must be 'q', 'k' or 'v', got {loaded_shard_id!r}")
+        shard_offset, shard_size = offsets[loaded_shard_id]
+        dst = param.data.narrow(0, shard_offset, shard_size)
+        copy_weight(dst, loaded_weight.narrow(0, self.tp_rank * shard_size, shard_size))
+
+
+class RowParallelLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        super().__init__(divide(input_size, get_tp_size()), output_size, bias, tp_dim=1)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        if param.dim() == 1:  # the bias is not split: rank 0 adds it once
+            copy_weight(param.data, loaded_weight)
+            return
+        shard_size = param.data.size(1)
+        copy_weight(param.data, loaded_weight.narrow(1, self.tp_rank * shard_size, shard_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        return all_reduce(y)
