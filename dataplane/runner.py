@@ -60,7 +60,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
+def _backend_supports(name: str, block_size: int, dtype: torch.dtype) -> bool:
+    if name != "flash-attn":
+        return True
+    from dataplane.attention.flash_attn_backend import check_supported
+    try:
+        check_supported(block_size, dtype)
+        return True
+    except ValueError as e:
+        log.info("flash-attn skipped", reason=str(e))
+        return False
+
+
+def resolve_attention_backend(name: str, device: torch.device, block_size: int, dtype: torch.dtype) -> str:
     if device.type == "cuda":
         for module in ("dataplane.attention.flash_attn_backend", "dataplane.attention.triton_backend"):
             try:
@@ -71,11 +83,14 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
     if name == "auto":
         if device.type == "cuda":
             for preferred in ("flash-attn", "triton"):
-                if preferred in backends:
+                if preferred in backends and _backend_supports(preferred, block_size, dtype):
                     return preferred
         return "torch"
     if name not in backends:
         raise ValueError(f"--attention-backend {name!r} is not available here; available: {', '.join(backends)}")
+    if name == "flash-attn":
+        from dataplane.attention.flash_attn_backend import check_supported
+        check_supported(block_size, dtype)
     return name
 
 
@@ -87,7 +102,8 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         dtype_name = config.dtype if config.dtype != "auto" else ("bfloat16" if self.device.type == "cuda" else "float32")
         self.dtype = DTYPES[dtype_name]
-        self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
+        self.attention_backend = resolve_attention_backend(config.attention_backend, self.device,
+                                                           config.block_size, self.dtype)
         set_attention_backend(self.attention_backend)
 
         started = time.perf_counter()

@@ -5,6 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton picks interpreter or compiler when it is first imported; without CUDA its kernels
+# can only run interpreted, so set this before anything (torch._dynamo too) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
