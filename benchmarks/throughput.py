@@ -82,6 +82,9 @@ class LocalDataPlane:
 
         self.runner = ModelRunner(config)
 
+    def open_stream(self):
+        self.runner.reset()
+
     def step(self, plan):
         return self.runner.execute(plan)
 
@@ -92,6 +95,7 @@ def run_engine(dataplane, info: dict, prompts, max_tokens, temperature: float) -
         max_num_batched_tokens=info["max_num_batched_tokens"], max_model_len=info["max_model_len"]))
     for i, (p, m) in enumerate(zip(prompts, max_tokens)):
         scheduler.add(Sequence(f"s{i}", p, SamplingOptions(max_tokens=m, temperature=temperature, ignore_eos=True)))
+    dataplane.open_stream()  # a fresh batch on the data plane for this scheduler
     num_tokens = 0
     start = time.perf_counter()
     while scheduler.has_unfinished():
@@ -100,6 +104,39 @@ def run_engine(dataplane, info: dict, prompts, max_tokens, temperature: float) -
             continue
         num_tokens += len(scheduler.postprocess(plan, dataplane.step(plan)))
     return num_tokens, time.perf_counter() - start
+
+
+def profile(dataplane, info: dict, prompts, max_tokens, num_steps: int) -> None:
+    """Where a step's time goes: the first steps prefill, so profile the steady decode after them."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    scheduler = Scheduler(SchedulerConfig(
+        num_blocks=info["num_kv_blocks"], block_size=info["block_size"], max_num_seqs=info["max_num_seqs"],
+        max_num_batched_tokens=info["max_num_batched_tokens"], max_model_len=info["max_model_len"]))
+    for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+        scheduler.add(Sequence(f"s{i}", p, SamplingOptions(max_tokens=m, temperature=0.6, ignore_eos=True)))
+    dataplane.open_stream()
+
+    def one_step():
+        plan = scheduler.schedule()
+        scheduler.postprocess(plan, dataplane.step(plan))
+
+    while scheduler.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in scheduler.running):
+        one_step()
+    for _ in range(5):
+        one_step()
+    timings = []
+    for _ in range(num_steps):
+        t = time.perf_counter()
+        one_step()
+        timings.append(time.perf_counter() - t)
+    print(f"decode step wall time at {scheduler.num_running} running: median {1e3 * sorted(timings)[len(timings) // 2]:.2f} ms")
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(num_steps):
+            one_step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
 
 
 def dataplane_args(args, model_dir: str) -> list[str]:
@@ -126,6 +163,8 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--json-out", default=None, help="also write the figures here as JSON")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="profile this many steps of the workload with torch.profiler instead of timing it")
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="nanoplane-bench-")
@@ -162,6 +201,9 @@ def main() -> None:
                                             "max_num_batched_tokens", "max_model_len", "kv_bytes_per_token")}
     try:
         run_engine(dataplane, info, [prompts[0][:100]], [16], 0.6)  # warm-up: compile kernels, capture graphs
+        if args.profile_steps:
+            profile(dataplane, info, prompts, max_tokens, args.profile_steps)
+            return
         num_tokens, seconds = run_engine(dataplane, info, prompts, max_tokens, 0.6)
     finally:
         if proc is not None:

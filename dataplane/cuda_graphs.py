@@ -1,5 +1,8 @@
 """CUDA graphs for decode steps: one graph per batch size of a ladder, replayed with padded inputs.
 
+With --enforce-eager the same padded buffers and launch shapes run eagerly, so graphs
+and eager execute identical kernels and give bit-identical tokens (bf16 included).
+
 Captured sizes are 1, 2, 4, 8, then steps of 16 up to max_num_seqs; a decode batch of
 n sequences replays the smallest graph of size >= n, its extra rows padded (slot
 mapping -1, so they write no KV; context length 1, so they read one harmless slot).
@@ -26,8 +29,9 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_blocks_per_seq: int, max_model_len: int,
-                 hidden_size: int, dtype: torch.dtype, device: torch.device):
+                 hidden_size: int, dtype: torch.dtype, device: torch.device, use_graphs: bool = True):
         self.model = model
+        self.use_graphs = use_graphs
         self.max_model_len = max_model_len
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         n = self.batch_sizes[-1]
@@ -48,6 +52,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        if not self.use_graphs:
+            return
         pool = None
         for bs in reversed(self.batch_sizes):  # largest first, so smaller graphs reuse its pool
             graph = torch.cuda.CUDAGraph()
@@ -61,7 +67,7 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def can_run(self, meta: AttentionMetadata) -> bool:
-        return bool(self.graphs) and meta.is_decode_only and meta.num_seqs <= self.batch_sizes[-1]
+        return meta.is_decode_only and meta.num_seqs <= self.batch_sizes[-1]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n = meta.num_seqs
@@ -75,5 +81,9 @@ class DecodeGraphs:
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width] = meta.block_tables
         self.block_tables[n:bs] = 0
-        self.graphs[bs].replay()
+        if self.use_graphs:
+            self.graphs[bs].replay()
+        else:
+            with forward_context(self._meta(bs)):
+                self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
         return self.hidden[:n]

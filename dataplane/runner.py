@@ -22,6 +22,7 @@ from dataplane.cuda_graphs import DecodeGraphs
 from dataplane.kv_cache import allocate_kv_cache, bind_kv_cache, num_blocks_for_bytes
 from dataplane.layers.attention import set_attention_backend
 from dataplane.layers.sampler import Sampler
+from dataplane.sampling_step import SamplingStep
 from dataplane.loader import load_dummy_model, load_model
 from dataplane.model_config import ModelConfig
 from proto.step import StepPlan, StepResult
@@ -123,13 +124,14 @@ class ModelRunner:
                                 self.max_model_len, mc.vocab_size, self.device)
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.sampling = SamplingStep(self.model, self.batch, self.sampler, self.generator)
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager and self.attention_backend != "torch":
+        if self.device.type == "cuda" and self.attention_backend != "torch":
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq, self.max_model_len,
-                                       mc.hidden_size, self.dtype, self.device)
+                                       mc.hidden_size, self.dtype, self.device, use_graphs=not config.enforce_eager)
             self.graphs.capture()
         log.info("data plane ready", model=config.model, architecture=mc.architecture, device=str(self.device),
-                 cuda_graphs=self.graphs.batch_sizes if self.graphs else None,
+                 cuda_graphs=self.graphs.batch_sizes if self.graphs and self.graphs.use_graphs else None,
                  dtype=dtype_name, attention_backend=self.attention_backend, num_kv_blocks=self.num_blocks,
                  block_size=config.block_size, max_model_len=self.max_model_len,
                  load_s=round(time.perf_counter() - started, 2))
@@ -215,12 +217,4 @@ class ModelRunner:
         else:
             with forward_context(inputs.meta):
                 hidden = self.model(inputs.input_ids, inputs.positions)
-        if len(inputs.sampled_slots) == 0:
-            return StepResult(step_id=plan.step_id)
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        s = inputs.sampling
-        token_ids = self.sampler.sample(logits, s.temperature, s.top_p, s.top_k, s.seed, s.has_seed, s.positions,
-                                        generator=self.generator)
-        self.batch.record_sampled(inputs.sampled_slots, token_ids)
-        return StepResult(step_id=plan.step_id, slots=inputs.sampled_slots,
-                          token_ids=token_ids.to("cpu", dtype=torch.int32).numpy())
+        return self.sampling.run(plan.step_id, hidden, inputs)
