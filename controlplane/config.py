@@ -15,6 +15,24 @@ class ControlPlaneConfig:
     served_model_name: str = ""  # empty = the data plane's model name
     enable_prefix_caching: bool = True
     dataplane_connect_timeout_s: float = 60.0
+    max_logprobs: int = 20
+    max_n: int = 16
+    # running it like production (docs/operations.md)
+    tls_cert: str = ""
+    tls_key: str = ""
+    auth_token_file: str = ""
+    max_message_bytes: int = 16 * 2**20
+    health_port: int = 0
+    metrics_port: int = 0
+    shutdown_grace_s: float = 30.0
+    dataplane_tls_ca: str = ""
+    dataplane_tls_cert: str = ""
+    dataplane_tls_key: str = ""
+    dataplane_tls_server_name: str = ""
+    dataplane_max_message_bytes: int = 64 * 2**20
+    dataplane_keepalive_s: float = 5.0
+    dataplane_keepalive_timeout_s: float = 5.0
+    dataplane_health_interval_s: float = 2.0
 
     def validate(self) -> None:
         problems = []
@@ -24,9 +42,19 @@ class ControlPlaneConfig:
             problems.append(f"--dataplane must be HOST:PORT, got {self.dataplane!r}")
         if self.dataplane_connect_timeout_s <= 0:
             problems.append("--dataplane-connect-timeout-s must be positive")
+        if self.max_logprobs < 0:
+            problems.append(f"--max-logprobs must be >= 0, got {self.max_logprobs}")
+        if self.max_n < 1:
+            problems.append(f"--max-n must be >= 1, got {self.max_n}")
+        from controlplane.security import config_problems  # imports grpc, which config users need anyway
+        problems += config_problems(self)
         if problems:
             raise ValueError("invalid control plane configuration: " + "; ".join(problems))
 
+
+# Options of a data plane elsewhere; `nanoplane serve` starts its own on loopback and leaves them out.
+REMOTE_DATAPLANE_FIELDS = ("dataplane", "dataplane_tls_ca", "dataplane_tls_cert", "dataplane_tls_key",
+                           "dataplane_tls_server_name")
 
 HELP = {
     "host": "address the public Generation API listens on",
@@ -36,4 +64,22 @@ HELP = {
     "served_model_name": "model name reported to clients; empty = the data plane's",
     "enable_prefix_caching": "reuse KV blocks of identical prompt prefixes",
     "dataplane_connect_timeout_s": "how long to wait for the data plane at start-up",
+    "max_logprobs": "most top logprobs a request may ask for per token (sampling.logprobs, prompt_logprobs)",
+    "max_n": "most parallel samples a request may ask for (sampling.n)",
+    "tls_cert": "PEM certificate (chain) of the public API; with --tls-key, clients must use TLS",
+    "tls_key": "PEM private key of --tls-cert",
+    "auth_token_file": "file of bearer tokens, one per line, that the public API accepts "
+                       "(also NANOPLANE_CP_AUTH_TOKENS, comma-separated); none = no authentication",
+    "max_message_bytes": "largest request or response message of the public API",
+    "health_port": "plaintext port serving only grpc.health.v1, for probes that cannot do TLS (0 = off)",
+    "metrics_port": "port of the Prometheus /metrics endpoint over HTTP (0 = off)",
+    "shutdown_grace_s": "on SIGTERM, how long in-flight requests may run on before they are aborted",
+    "dataplane_tls_ca": "PEM CA certificate that signed the data plane's certificate; turns TLS to the data plane on",
+    "dataplane_tls_cert": "PEM client certificate presented to the data plane (mutual TLS)",
+    "dataplane_tls_key": "PEM private key of --dataplane-tls-cert",
+    "dataplane_tls_server_name": "name to verify in the data plane's certificate; empty = the host of --dataplane",
+    "dataplane_max_message_bytes": "largest message on the connection to the data plane",
+    "dataplane_keepalive_s": "send the data plane a keepalive ping this often (seconds), to notice when it is gone",
+    "dataplane_keepalive_timeout_s": "the data plane is gone when a ping gets no answer within this",
+    "dataplane_health_interval_s": "how often the data plane's health is checked, for this plane's health",
 }

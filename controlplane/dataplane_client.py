@@ -7,6 +7,7 @@ import time
 import grpc
 
 from proto.nanoplane.v1 import dataplane_pb2, dataplane_pb2_grpc
+from proto.transport import client_options
 from proto.step import StepPlan, StepResult, decode_result, encode_plan
 
 MAX_MESSAGE_BYTES = 256 * 2**20
@@ -17,15 +18,27 @@ class DataPlaneUnavailable(RuntimeError):
     """The data plane cannot be reached or its Step stream broke."""
 
 
+def tls_hint(details: str) -> str:
+    """What a TLS connection failure most likely means, in terms of the control plane's flags."""
+    if "Socket closed" in details:
+        return ("; the data plane closed the TLS connection: it probably refused this control plane's client "
+                "certificate (it accepts only certificates signed by its --tls-client-ca: check --dataplane-tls-cert "
+                "and --dataplane-tls-key), or it does not speak TLS on that port")
+    if "andshake" in details:
+        return ("; the TLS handshake failed: check --dataplane-tls-ca (the CA of the data plane's certificate) and "
+                "--dataplane-tls-server-name (a name in that certificate)")
+    return ""
+
+
 class DataPlaneClient:
-    def __init__(self, target: str):
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None,
+                 options: list[tuple[str, int | str]] | None = None):
+        """credentials None = plaintext; options default to security.dataplane_channel_options' defaults."""
         self.target = target
-        self.channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", 10_000),
-            ("grpc.keepalive_timeout_ms", 5_000),
-        ])
+        self.tls = credentials is not None
+        options = options if options is not None else client_options(MAX_MESSAGE_BYTES, 5.0, 5.0)
+        self.channel = (grpc.secure_channel(target, credentials, options=options) if credentials is not None
+                        else grpc.insecure_channel(target, options=options))
         self.stub = dataplane_pb2_grpc.DataPlaneStub(self.channel)
         self._plans: queue.Queue | None = None
         self._results = None
@@ -35,11 +48,14 @@ class DataPlaneClient:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                return self.stub.Describe(dataplane_pb2.DescribeRequest(), timeout=5, wait_for_ready=True)
+                # not wait_for_ready: a refused connection or TLS handshake fails at once, with a reason to report
+                return self.stub.Describe(dataplane_pb2.DescribeRequest(), timeout=5)
             except grpc.RpcError as e:
                 if time.monotonic() > deadline:
-                    raise DataPlaneUnavailable(f"data plane at {self.target} did not answer within {timeout_s:.0f} s: "
-                                               f"{e.code().name} {e.details()}") from e
+                    details = e.details() or ""
+                    hint = tls_hint(details) if self.tls else ""
+                    raise DataPlaneUnavailable(f"data plane at {self.target} did not answer within {timeout_s:g} s: "
+                                               f"{e.code().name}: {details}{hint}") from e
                 time.sleep(0.2)
 
     def open_stream(self) -> None:
@@ -48,7 +64,9 @@ class DataPlaneClient:
         self._results = self.stub.Step(iter(self._plans.get, _CLOSE))
 
     def step(self, plan: StepPlan) -> StepResult:
-        if self._plans is None:
+        # a stream that broke while the engine was idle (the data plane restarted, keepalive gave up on it)
+        # is replaced rather than failing the request that comes next
+        if self._plans is None or self._results.done():
             self.open_stream()
         self._plans.put(encode_plan(plan, dataplane_pb2.StepPlan))
         try:

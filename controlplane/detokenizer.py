@@ -7,7 +7,9 @@ past `read_offset` is new. A window whose text ends in U+FFFD holds an unfinishe
 multi-byte character, so nothing is emitted until a later token completes it (or
 finish() gives up on it). On top of that, text that could be the beginning of a
 stop string is held back until it can no longer match. The engine owns one of
-these per request, next to the request's Sequence.
+these per request, next to the request's Sequence. As in vLLM, the engine passes
+check_stop=False until the sequence has more than min_tokens tokens, and a matched
+stop string stays in the text with include_stop_str_in_output.
 """
 from __future__ import annotations
 
@@ -32,11 +34,12 @@ class DetokenizerDelta:
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], *,
-                 skip_special_tokens: bool = True, stop: Sequence[str] = ()):
+                 skip_special_tokens: bool = True, stop: Sequence[str] = (), include_stop_str_in_output: bool = False):
         if any(not s for s in stop):
             raise ValueError("stop strings must not be empty")
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
+        self._include_stop = include_stop_str_in_output
         self._stop = tuple(dict.fromkeys(stop))
         self._max_stop_held = max((len(s) for s in self._stop), default=1) - 1
         context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
@@ -50,13 +53,18 @@ class IncrementalDetokenizer:
         self._finished = False
         self.stopped = False
 
-    def add(self, token_ids: Sequence[int]) -> DetokenizerDelta:
+    def add(self, token_ids: Sequence[int], check_stop: bool = True) -> DetokenizerDelta:
+        """The new text of token_ids; with check_stop False, all of it, unsearched for stop strings."""
         if self._finished:
             raise RuntimeError("add() after finish()")
         if self.stopped:
             return DetokenizerDelta("", True)
         self._ids.extend(token_ids)
-        return self._release(self._held_for_stop + self._decode_new_text())
+        text = self._held_for_stop + self._decode_new_text()
+        if not check_stop:
+            self._held_for_stop = ""
+            return DetokenizerDelta(text, False)
+        return self._release(text)
 
     def finish(self) -> str:
         """The text still held back, once the sequence has ended for another reason."""
@@ -101,12 +109,16 @@ class IncrementalDetokenizer:
         return DetokenizerDelta(text[:len(text) - held], False)
 
     def _find_stop(self, text: str) -> int | None:
-        """Start of the stop string that is complete first when reading text (the
-        longest on a tie), so how tokens are grouped into add() calls cannot change
-        which one stops the sequence. Text emitted before cannot start one (it would
-        have been held back), so searching `text` is enough."""
+        """Where the output ends: the start of the stop string that is complete first when
+        reading text (the longest on a tie), or its end with include_stop_str_in_output;
+        so how tokens are grouped into add() calls cannot change which one stops the
+        sequence. Text emitted before cannot start one (it would have been held back),
+        so searching `text` is enough."""
         matches = [(i + len(s), i) for s in self._stop if (i := text.find(s)) >= 0]
-        return min(matches)[1] if matches else None
+        if not matches:
+            return None
+        end, start = min(matches)
+        return end if self._include_stop else start
 
     def _stop_prefix_len(self, text: str) -> int:
         """Length of the longest suffix of text that begins some stop string."""

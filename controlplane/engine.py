@@ -4,6 +4,8 @@ Each step: take in new requests and aborts → Scheduler.schedule() → the data
 runs the plan → Scheduler.postprocess() appends sampled tokens → detokenise, check
 stop strings, stream deltas to each request's OutputStream. Only this thread touches
 the scheduler and sequences; the gRPC servicer talks to it through submit()/abort().
+A request of n samples is n Sequences (the Scheduler's `leader` makes them share the
+prompt's KV blocks) and one stream; each delta says which sample it belongs to.
 """
 from __future__ import annotations
 
@@ -12,14 +14,16 @@ import itertools
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
 from controlplane.dataplane_client import DataPlaneClient, DataPlaneUnavailable
 from controlplane.detokenizer import IncrementalDetokenizer
+from controlplane.engine_observer import EngineObserver
+from controlplane.logprobs import PositionLogprobs, prompt_logprobs, sampled_logprobs
 from controlplane.scheduler import Scheduler
-from controlplane.sequence import FinishReason, SamplingOptions, Sequence
+from controlplane.sequence import FinishReason, SamplingOptions, Sequence, new_samples
 from controlplane.tokenizer import Tokenizer
 
 log = structlog.get_logger("controlplane.engine")
@@ -34,13 +38,16 @@ class Usage:
 
 @dataclass(slots=True)
 class RequestOutput:
-    """One streamed delta of a request; the last one has finish_reason and usage."""
+    """One streamed delta of a request's sample; the sample's last one has finish_reason and usage."""
 
     request_id: str
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     usage: Usage | None = None
+    index: int = 0  # which of the request's n samples
+    logprobs: list[PositionLogprobs] | None = None  # one per token id, when asked for
+    prompt_logprobs: list[PositionLogprobs] | None = None  # on sample 0's first delta(s), when asked for
 
 
 @dataclass(slots=True)
@@ -72,10 +79,20 @@ class OutputStream:
 
 @dataclass(slots=True)
 class _Request:
-    seq: Sequence
+    """A request's n samples (sample i: seqs[i], detokenizers[i]) and the stream they share."""
+
+    request_id: str
+    seqs: list[Sequence]
     stream: OutputStream
-    detokenizer: IncrementalDetokenizer
+    detokenizers: list[IncrementalDetokenizer]
     arrival_s: float
+    num_unfinished: int
+    # computed, not yet sent: they go with sample 0's next delta
+    prompt_logprobs: list[PositionLogprobs] = field(default_factory=list)
+
+    def take_prompt_logprobs(self) -> list[PositionLogprobs] | None:
+        taken, self.prompt_logprobs = self.prompt_logprobs, []
+        return taken or None
 
 
 class Engine:
@@ -90,6 +107,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.num_steps = 0
+        self.observer = EngineObserver()  # metrics, slot logs and health replace it
 
     # --- called from other threads -------------------------------------------------
     def start(self) -> None:
@@ -113,6 +131,11 @@ class Engine:
         self._inbox.put(("abort", request_id))
         self._wakeup.set()
 
+    def abort_all(self) -> None:
+        """Ends every request now, each with a last output of finish_reason "abort" (shutdown's grace is over)."""
+        self._inbox.put(("abort_all",))
+        self._wakeup.set()
+
     # --- the engine thread -------------------------------------------------------
     def _drain_inbox(self) -> None:
         while True:
@@ -125,14 +148,24 @@ class Engine:
                 if request_id in self._requests:
                     stream.put(EngineFailure(f"request id {request_id!r} is already in use"))
                     continue
-                seq = Sequence(request_id, prompt_ids, sampling)
-                detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, stop=sampling.stop)
-                self._requests[request_id] = _Request(seq, stream, detok, time.monotonic())
-                self.scheduler.add(seq)
+                request = self._new_request(request_id, prompt_ids, sampling, stream)
+                self._requests[request_id] = request
+                for seq in request.seqs:
+                    self.scheduler.add(seq)
+                self.observer.request_added(request_id, len(request.seqs))
+            elif item[0] == "abort_all":
+                for request_id, request in list(self._requests.items()):
+                    for seq, detok in zip(request.seqs, request.detokenizers):
+                        if self.scheduler.abort(seq.seq_id) is not None:
+                            self._send(request, RequestOutput(request_id, detok.finish(), [], FinishReason.ABORT.value,
+                                                              self._usage(seq), seq.index))
+                self._requests.clear()
             else:
                 # the caller is gone (cancelled or deadline): free the blocks, tell no one
-                if self._requests.pop(item[1], None) is not None:
-                    self.scheduler.abort(item[1])
+                request = self._requests.pop(item[1], None)
+                if request is not None:
+                    self._abort_samples(request)
+                    self.observer.request_dropped(item[1], FinishReason.ABORT.value)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -144,6 +177,7 @@ class Engine:
             try:
                 self.step()
             except DataPlaneUnavailable as e:
+                self.observer.dataplane_lost(str(e))
                 self._fail_all(str(e))
                 time.sleep(0.5)
             except Exception as e:  # a bug must not leave clients hanging
@@ -156,26 +190,62 @@ class Engine:
             self._wakeup.wait(0.01)
             self._wakeup.clear()
             return
+        started_s = time.monotonic()
         result = self.dataplane.step(plan)
         self.num_steps += 1
-        new_tokens: dict[str, list[int]] = {}
+        self.observer.step_done(plan, time.monotonic() - started_s)
+        # logprobs first: the sequences still sit at the slots of the plan
+        for seq, entries in prompt_logprobs(plan, result, self.scheduler.seq_at_slot).items():
+            if (request := self._requests.get(seq.request_id)) is not None:
+                request.prompt_logprobs += entries
+        token_logprobs = sampled_logprobs(result, [self.scheduler.seq_at_slot(s) for s in result.slots.tolist()]
+                                          if len(result.logprob_rows) else [])
+        new_tokens: dict[Sequence, list[int]] = {}
         for seq, token in self.scheduler.postprocess(plan, result):
-            new_tokens.setdefault(seq.seq_id, []).append(token)
-        for request_id, tokens in new_tokens.items():
-            request = self._requests.get(request_id)
-            if request is None:
-                continue
-            delta = request.detokenizer.add(tokens)
-            seq = request.seq
-            if delta.stopped and seq.finish_reason is None:
-                self.scheduler.finish(seq, FinishReason.STOP)
-            if seq.finish_reason is not None:
-                text = delta.text if delta.stopped else delta.text + request.detokenizer.finish()
-                request.stream.put(RequestOutput(request_id, text, tokens, str(seq.finish_reason.value),
-                                                 self._usage(seq)))
-                del self._requests[request_id]
-            elif delta.text or tokens:
-                request.stream.put(RequestOutput(request_id, delta.text, tokens))
+            new_tokens.setdefault(seq, []).append(token)
+        for seq, tokens in new_tokens.items():
+            request = self._requests.get(seq.request_id)
+            if request is not None:
+                logprobs = [token_logprobs[seq]] if seq in token_logprobs else None
+                self._emit(request, seq, tokens, logprobs)
+
+    def _emit(self, request: _Request, seq: Sequence, tokens: list[int],
+              logprobs: list[PositionLogprobs] | None) -> None:
+        """Detokenises one sample's new tokens, finishes it on a stop string, and sends its delta."""
+        sampling, detokenizer = seq.sampling, request.detokenizers[seq.index]
+        # the EOS or stop token that ended the sample stays out of the text unless asked for (as in vLLM)
+        text_ids = tokens[:-1] if seq.stop_token_id is not None and not sampling.include_stop_str_in_output else tokens
+        delta = detokenizer.add(text_ids, check_stop=seq.num_completion_tokens > sampling.min_tokens)
+        if delta.stopped and seq.finish_reason is None:
+            self.scheduler.finish(seq, FinishReason.STOP)
+        prompt_lps = request.take_prompt_logprobs() if seq.index == 0 else None
+        if seq.finish_reason is not None:
+            text = delta.text if delta.stopped else delta.text + detokenizer.finish()
+            self._send(request, RequestOutput(request.request_id, text, tokens, str(seq.finish_reason.value),
+                                              self._usage(seq), seq.index, logprobs, prompt_lps))
+            request.num_unfinished -= 1
+            if request.num_unfinished == 0:
+                del self._requests[request.request_id]
+        elif delta.text or tokens:
+            self._send(request, RequestOutput(request.request_id, delta.text, tokens, index=seq.index,
+                                              logprobs=logprobs, prompt_logprobs=prompt_lps))
+
+    def _new_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingOptions,
+                     stream: OutputStream) -> _Request:
+        seqs = new_samples(request_id, prompt_ids, sampling)
+        detokenizers = [IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=sampling.skip_special_tokens,
+                                               stop=sampling.stop,
+                                               include_stop_str_in_output=sampling.include_stop_str_in_output)
+                        for _ in seqs]
+        return _Request(request_id, seqs, stream, detokenizers, time.monotonic(), num_unfinished=len(seqs))
+
+    def _abort_samples(self, request: _Request) -> None:
+        for seq in request.seqs:
+            self.scheduler.abort(seq.seq_id)  # a no-op for a sample that already finished
+
+    def _send(self, request: _Request, output: RequestOutput) -> None:
+        request.stream.put(output)
+        self.observer.output_sent(output)
 
     def _usage(self, seq: Sequence) -> Usage:
         return Usage(seq.num_prompt_tokens, seq.num_completion_tokens, seq.num_cached_prompt_tokens)
@@ -183,7 +253,8 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         log.error("failing all requests", reason=message, num_requests=len(self._requests))
         for request_id, request in list(self._requests.items()):
-            self.scheduler.abort(request_id)
+            self._abort_samples(request)
             request.stream.put(EngineFailure(message))
+            self.observer.request_dropped(request_id, "error")
         self._requests.clear()
         self.dataplane.close_stream()

@@ -13,10 +13,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controlplane.api import GenerationServicer
+from controlplane.auth import BearerTokenAuth, load_tokens
 from controlplane.config import ENV_PREFIX, HELP, ControlPlaneConfig
-from controlplane.dataplane_client import DataPlaneClient
+from controlplane.dataplane_client import DataPlaneClient, DataPlaneUnavailable
 from controlplane.engine import Engine
+from controlplane.metrics import Gauge, MetricsServer, Registry
+from controlplane.readiness import Readiness
 from controlplane.scheduler import Scheduler, SchedulerConfig
+from controlplane.security import (dataplane_channel_credentials, dataplane_channel_options,
+                                   public_server_credentials, public_server_options)
+from controlplane.shutdown import DrainInterceptor, drain_and_stop
+from controlplane.telemetry import EngineTelemetry
 from controlplane.tokenizer import load_tokenizer
 from controlplane.validation import RequestLimits
 from proto.logs import configure_logging
@@ -26,7 +33,7 @@ from proto.options import add_config_arguments, config_from_args, describe_confi
 log = structlog.get_logger("controlplane")
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
-MAX_MESSAGE_BYTES = 16 * 2**20
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -37,7 +44,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def build_engine(config: ControlPlaneConfig):
     """Connects to the data plane and builds everything the API needs from what it reports."""
-    dataplane = DataPlaneClient(config.dataplane)
+    dataplane = DataPlaneClient(config.dataplane, dataplane_channel_credentials(config),
+                                dataplane_channel_options(config))
     info = dataplane.describe(config.dataplane_connect_timeout_s)
     tokenizer = load_tokenizer(config.tokenizer or info.model_path)
     eos = sorted(set(info.eos_token_ids) | set(tokenizer.eos_token_ids))
@@ -46,7 +54,8 @@ def build_engine(config: ControlPlaneConfig):
         max_num_batched_tokens=info.max_num_batched_tokens, max_model_len=info.max_model_len,
         eos_token_ids=tuple(eos), enable_prefix_caching=config.enable_prefix_caching))
     limits = RequestLimits(vocab_size=info.vocab_size, max_model_len=info.max_model_len,
-                           kv_capacity_tokens=info.num_kv_blocks * info.block_size)
+                           kv_capacity_tokens=info.num_kv_blocks * info.block_size,
+                           max_logprobs=config.max_logprobs, max_n=config.max_n)
     model_info = generation_pb2.ModelInfo(
         model_name=config.served_model_name or info.model_name, architecture=info.architecture,
         max_model_len=info.max_model_len, kv_capacity_tokens=limits.kv_capacity_tokens, block_size=info.block_size,
@@ -64,46 +73,92 @@ class RunningControlPlane:
     health: health.aio.HealthServicer
     port: int
     model_info: generation_pb2.ModelInfo
+    readiness: Readiness
+    drain: DrainInterceptor
+    registry: Registry
+    health_server: grpc.aio.Server | None = None
+    health_port: int = 0
+    metrics: MetricsServer | None = None
 
-    async def stop(self, grace_s: float = 10.0) -> None:
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace=grace_s)
-        self.engine.stop()
+    async def stop(self, grace_s: float = 10.0, hurry: asyncio.Event | None = None) -> None:
+        """Graceful: NOT_SERVING, new calls refused, in-flight ones get grace_s, then "abort" (shutdown.py)."""
+        await drain_and_stop(self.server, self.drain, self.readiness, self.engine, grace_s, hurry)
+        await self.readiness.close()
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+        if self.metrics is not None:
+            self.metrics.stop()
+        self.engine.dataplane.close()
+
+
+def listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc raises on a port in use or an address it cannot bind
+        raise RuntimeError(f"could not listen on {address}: {e}") from e
+    if port == 0:
+        raise RuntimeError(f"could not listen on {address}")
+    return port
+
+
+async def start_health_server(health_servicer: health.aio.HealthServicer, address: str) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server of grpc.health.v1 alone, for probes that cannot do TLS (kubelet's grpc probe)."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = listen(server, address, None)
+    await server.start()
+    return server, port
 
 
 async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane:
     engine, tokenizer, limits, model_info = build_engine(config)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.so_reuseport", 0)])
+    tokens = load_tokens(config.auth_token_file)
+    drain = DrainInterceptor()
+    server = grpc.aio.server(interceptors=[BearerTokenAuth(tokens), drain] if tokens else [drain],
+                             options=public_server_options(config))
     generation_pb2_grpc.add_GenerationServicer_to_server(
         GenerationServicer(engine, tokenizer, limits, model_info), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise RuntimeError(f"could not listen on {config.host}:{config.port}")
+    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = listen(server, f"{config.host}:{config.port}", public_server_credentials(config))
+
+    readiness = Readiness(health_servicer, ("", SERVICE_NAME), engine.dataplane.channel, config.dataplane)
+    registry = Registry({"model_name": model_info.model_name})
+    engine.observer = EngineTelemetry(engine.scheduler, registry, readiness.dataplane_lost)
+    registry.add(Gauge("nanoplane:dataplane_connected", "1 while the data plane answers, else 0.",
+                       lambda: float(readiness.dataplane_ok)))
+    running = RunningControlPlane(server, engine, health_servicer, port, model_info, readiness, drain, registry)
+    if config.metrics_port:
+        running.metrics = MetricsServer(registry, config.host, config.metrics_port).start()
     engine.start()
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("control plane serving", address=f"{config.host}:{port}", model=model_info.model_name)
-    return RunningControlPlane(server, engine, health_servicer, port, model_info)
+    await readiness.start(config.dataplane_health_interval_s)
+    if config.health_port:
+        running.health_server, running.health_port = await start_health_server(
+            health_servicer, f"{config.host}:{config.health_port}")
+    log.info("control plane serving", address=f"{config.host}:{port}", model=model_info.model_name,
+             tls=config.tls_cert != "", auth_tokens=len(tokens), health_port=running.health_port or None,
+             metrics_port=running.metrics.port if running.metrics else None)
+    return running
 
 
-async def serve(config: ControlPlaneConfig) -> None:
-    running = await start_control_plane(config)
-    stop = asyncio.Event()
+async def serve(config: ControlPlaneConfig) -> int:
+    """Serves until SIGTERM or SIGINT, then shuts down gracefully; the exit code (1 = could not start)."""
+    try:
+        running = await start_control_plane(config)
+    except (DataPlaneUnavailable, RuntimeError, ValueError, OSError) as e:
+        log.error("control plane could not start", error=str(e))
+        print(f"nanoplane controlplane: error: {e}", file=sys.stderr)
+        return 1
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal cuts the grace period short
+        loop.add_signal_handler(sig, lambda: (hurry if stop.is_set() else stop).set())
     await stop.wait()
-    log.info("shutting down: finishing in-flight requests", grace_s=10)
-    await running.stop(grace_s=10)
+    await running.stop(grace_s=config.shutdown_grace_s, hurry=hurry)
     log.info("control plane stopped")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     log.info("starting control plane", **describe_config(config))
-    asyncio.run(serve(config))
-    return 0
+    return asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

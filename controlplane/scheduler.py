@@ -7,6 +7,12 @@ Waiting sequences are then admitted FIFO while budget, blocks and data-plane slo
 last. The BlockManager hands out blocks; the PlanBuilder encodes the decision as a
 StepPlan; `postprocess` takes the data plane's StepResult back.
 
+Parallel samples (n > 1): the request's later samples wait until sample 0's prompt is
+computed (`Sequence.leader`), then admission finds its full prompt blocks in the
+prefix cache, so the samples share them (ref counts) and each computes only the tail
+of the prompt that does not fill a block. A sequence that still wants prompt logprobs
+skips the prefix cache: a cache hit would leave those tokens' logits uncomputed.
+
 Slot reuse: a slot released since the last plan (finished, aborted, preempted) goes
 into the next plan's `drop_slots` and may be given to a new sequence in that same plan:
 the data plane applies a plan's drops before its new entries.
@@ -79,7 +85,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.plan_builder = PlanBuilder()
+        self.plan_builder = PlanBuilder(config.eos_token_ids)
         self.slots = SlotTable(config.max_num_seqs)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
@@ -143,6 +149,8 @@ class Scheduler:
             budget -= n
             i += 1
         while self.waiting and budget > 0 and self.slots.has_free():
+            if self._waits_for_leader(self.waiting[0]):
+                break  # a few steps at most: the leader's prompt is being computed
             run = self._admit(self.waiting[0], budget)
             if run is None:
                 break  # the oldest waits for blocks; later arrivals must not overtake it
@@ -194,8 +202,15 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    @staticmethod
+    def _waits_for_leader(seq: Sequence) -> bool:
+        """A later sample waits while its leader runs with its prompt not yet all computed."""
+        leader = seq.leader
+        return (leader is not None and leader.status is SequenceStatus.RUNNING
+                and leader.num_computed_tokens < leader.num_prompt_tokens)
+
     def _admit(self, seq: Sequence, budget: int) -> ScheduledRun | None:
-        num_cached = self.block_manager.allocate_prefix(seq)
+        num_cached = 0 if seq.needs_prompt_logprobs else self.block_manager.allocate_prefix(seq)
         n = min(seq.num_tokens - num_cached, budget)
         if not self.block_manager.ensure_slots(seq, num_cached + n):
             if seq.block_table:
@@ -222,7 +237,10 @@ class Scheduler:
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         sampling = seq.sampling
-        if token in sampling.stop_token_ids or (not sampling.ignore_eos and token in self._eos_token_ids):
+        # the data plane bans these tokens until min_tokens outputs exist; checked here too so both agree
+        if ((token in sampling.stop_token_ids or (not sampling.ignore_eos and token in self._eos_token_ids))
+                and seq.num_completion_tokens > sampling.min_tokens):
+            seq.stop_token_id = token
             return FinishReason.STOP
         if seq.num_completion_tokens >= sampling.max_tokens or seq.num_tokens >= self.config.max_seq_len:
             return FinishReason.LENGTH

@@ -7,12 +7,12 @@ what the data plane must be told this step.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(slots=True, frozen=True)
 class SamplingOptions:
-    """The user's sampling parameters, already validated by the API layer."""
+    """The user's sampling parameters, already validated by the API layer (docs/sampling.md)."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -22,6 +22,27 @@ class SamplingOptions:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     seed: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # top logprobs per sampled token; None = no logprobs
+    prompt_logprobs: int | None = None
+    n: int = 1
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def for_sample(self, index: int) -> "SamplingOptions":
+        """The options of sample `index` of n: its own seed stream; prompt logprobs come with sample 0 only."""
+        if index == 0:
+            return self
+        seed = None if self.seed is None else (self.seed + index) % 2**63
+        return replace(self, seed=seed, prompt_logprobs=None)
 
 
 class SequenceStatus(enum.Enum):
@@ -55,11 +76,19 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     arrival: int = -1  # admission order key, set by Scheduler.add
+    request_id: str = ""  # empty: seq_id (a request of one sample)
+    index: int = 0  # which of its request's n samples
+    # sample 0 of the request when this is a later sample: the Scheduler admits it once the
+    # leader's prompt is computed, so it shares the leader's full prompt blocks (prefix cache)
+    leader: Sequence | None = None
+    num_prompt_logprobs: int = 0  # prompt tokens whose logprobs came back (the first has none)
+    stop_token_id: int | None = None  # the EOS or stop token id that finished it
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)  # ours to append to; the caller's list stays the prompt
         if self.num_prompt_tokens < 0:
             self.num_prompt_tokens = len(self.token_ids)
+        self.request_id = self.request_id or self.seq_id
 
     @property
     def num_tokens(self) -> int:
@@ -80,3 +109,17 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        return self.sampling.prompt_logprobs is not None and self.num_prompt_logprobs < self.num_prompt_tokens - 1
+
+
+def new_samples(request_id: str, prompt_token_ids: list[int], sampling: SamplingOptions) -> list[Sequence]:
+    """The sampling.n sequences of one request: sample 0 is `request_id`, sample i `request_id#i`,
+    led by sample 0 (the Scheduler admits them once its prompt blocks are in the prefix cache)."""
+    samples: list[Sequence] = []
+    for i in range(sampling.n):
+        samples.append(Sequence(request_id if i == 0 else f"{request_id}#{i}", prompt_token_ids, sampling.for_sample(i),
+                                request_id=request_id, index=i, leader=samples[0] if i else None))
+    return samples

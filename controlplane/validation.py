@@ -29,6 +29,8 @@ class RequestLimits:
     vocab_size: int
     max_model_len: int
     kv_capacity_tokens: int
+    max_logprobs: int = 20  # for logprobs and prompt_logprobs
+    max_n: int = 16
 
 
 @dataclass(slots=True)
@@ -118,7 +120,42 @@ def sampling_options(pb, num_prompt_tokens: int, limits: RequestLimits) -> Sampl
         raise InvalidRequest("sampling.seed", f"must be >= 0, got {seed}")
     return SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
                            stop=tuple(pb.stop), stop_token_ids=tuple(pb.stop_token_ids),
-                           ignore_eos=pb.ignore_eos, seed=seed)
+                           ignore_eos=pb.ignore_eos, seed=seed, **more_sampling_options(pb, max_tokens, limits))
+
+
+def _float(pb, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = getattr(pb, name) if pb.HasField(name) else default
+    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if math.isinf(high) else ']'}"
+        raise InvalidRequest(f"sampling.{name}", f"must be a finite number in {interval}, got {value}")
+    return value
+
+
+def _count(pb, name: str, low: int, high: int, what: str) -> int | None:
+    if not pb.HasField(name):
+        return None
+    value = getattr(pb, name)
+    if not low <= value <= high:
+        raise InvalidRequest(f"sampling.{name}", f"must be {low} to {high} ({what}), got {value}")
+    return value
+
+
+def more_sampling_options(pb, max_tokens: int, limits: RequestLimits) -> dict:
+    """min-p, penalties, logprobs, n, min_tokens and the text options (docs/sampling.md)."""
+    n = _count(pb, "n", 1, limits.max_n, "the server's --max-n")
+    min_tokens = _count(pb, "min_tokens", 0, max_tokens, "at most max_tokens")
+    return dict(
+        min_p=_float(pb, "min_p", 0.0, 0.0, 1.0),
+        repetition_penalty=_float(pb, "repetition_penalty", 1.0, 0.0, math.inf, low_open=True),
+        presence_penalty=_float(pb, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_float(pb, "frequency_penalty", 0.0, -2.0, 2.0),
+        logprobs=_count(pb, "logprobs", 0, limits.max_logprobs, "the server's --max-logprobs"),
+        prompt_logprobs=_count(pb, "prompt_logprobs", 0, limits.max_logprobs, "the server's --max-logprobs"),
+        n=1 if n is None else n,
+        min_tokens=min_tokens or 0,
+        skip_special_tokens=pb.skip_special_tokens if pb.HasField("skip_special_tokens") else True,
+        include_stop_str_in_output=pb.include_stop_str_in_output,
+    )
 
 
 def validate_generate(request, tokenizer: Tokenizer, limits: RequestLimits) -> ValidatedRequest:

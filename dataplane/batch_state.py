@@ -4,7 +4,9 @@ A StepPlan carries only deltas; `BatchState.apply(plan)` folds them in and retur
 the `StepInputs` of this step (input ids, positions, slot mapping, attention
 metadata, sampling params of the rows that sample). Host-side bookkeeping is numpy;
 the last sampled token of each slot stays on the device, so decode inputs never
-cross the wire or the PCIe bus.
+cross the wire or the PCIe bus. Sampling params live in `SlotSamplingParams`
+(dataplane/sampling_params.py); the token history that penalties need, in
+`PenaltyState` (dataplane/layers/penalties.py), fed here with every token that runs.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import numpy as np
 import torch
 
 from dataplane.context import AttentionMetadata
-from proto.step import RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
+from dataplane.layers.penalties import PenaltyState
+from dataplane.sampling_params import SamplingInputs, SlotSamplingParams
+from proto.step import RUN_PROMPT_LOGPROBS, RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
 
 
 class PlanError(ValueError):
@@ -22,13 +26,10 @@ class PlanError(ValueError):
 
 
 @dataclass(slots=True)
-class SamplingInputs:
-    temperature: torch.Tensor  # f32 [num_sampled]
-    top_p: torch.Tensor  # f32
-    top_k: torch.Tensor  # i32
-    seed: torch.Tensor  # i64
-    has_seed: torch.Tensor  # bool
-    positions: torch.Tensor  # i64: index in its sequence of the token being sampled
+class PromptLogprobInputs:
+    rows: torch.Tensor  # i64: rows of the hidden states whose logits predict a prompt token
+    token_ids: torch.Tensor  # i64: the prompt token each row predicts
+    num_top: int  # the most top logprobs any of them asked for
 
 
 @dataclass(slots=True)
@@ -39,6 +40,7 @@ class StepInputs:
     sample_indices: torch.Tensor  # i64 [num_sampled]: rows of the hidden states to sample from
     sampled_slots: np.ndarray  # i32 [num_sampled]
     sampling: SamplingInputs
+    prompt_logprobs: PromptLogprobInputs | None = None
 
 
 class BatchState:
@@ -55,11 +57,8 @@ class BatchState:
         self.num_computed = np.zeros(max_num_seqs, dtype=np.int64)
         self.active = np.zeros(max_num_seqs, dtype=bool)
         self.has_last_token = np.zeros(max_num_seqs, dtype=bool)
-        self.temperature = np.ones(max_num_seqs, dtype=np.float32)
-        self.top_p = np.ones(max_num_seqs, dtype=np.float32)
-        self.top_k = np.full(max_num_seqs, -1, dtype=np.int32)
-        self.seed = np.zeros(max_num_seqs, dtype=np.int64)
-        self.has_seed = np.zeros(max_num_seqs, dtype=bool)
+        self.sampling_params = SlotSamplingParams(max_num_seqs, device)
+        self.penalties = PenaltyState(max_num_seqs, vocab_size, device)
         self.last_token = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
 
     def reset(self) -> None:
@@ -70,6 +69,26 @@ class BatchState:
     def _check_slots(self, slots: np.ndarray, what: str) -> None:
         if len(slots) and (slots.min() < 0 or slots.max() >= self.max_num_seqs):
             raise PlanError(f"{what}: slot out of range [0, {self.max_num_seqs})")
+
+    def _check_token_ids(self, token_ids: np.ndarray, what: str) -> None:
+        if len(token_ids) and (token_ids.min() < 0 or token_ids.max() >= self.vocab_size):
+            raise PlanError(f"{what}: token id outside the vocabulary [0, {self.vocab_size})")
+
+    def _admit_penalty_history(self, plan: StepPlan) -> None:
+        """New sequences with penalties start from empty rows plus their prefix-cache hit,
+        whose tokens never run here (the plan carries them as cached_token_ids)."""
+        uses = plan.new_uses_penalties
+        if not np.any(uses):
+            return
+        slots = plan.new_slots[uses]
+        self.penalties.reset(slots)
+        num_cached = plan.new_num_cached_tokens[uses].astype(np.int64)
+        if num_cached.sum():
+            owner = np.repeat(np.arange(len(slots)), num_cached)
+            positions = np.arange(int(num_cached.sum())) - np.repeat(np.cumsum(num_cached) - num_cached, num_cached)
+            is_prompt = positions < plan.new_num_prompt_tokens[uses][owner]
+            token_ids = torch.from_numpy(plan.cached_token_ids.astype(np.int64)).to(self.device)
+            self.penalties.observe(token_ids, slots[owner], is_prompt)
 
     def apply(self, plan: StepPlan) -> StepInputs | None:
         """Folds the plan's deltas into the state and builds this step's inputs (None when nothing runs)."""
@@ -86,11 +105,13 @@ class BatchState:
         self.active[new] = True
         self.has_last_token[new] = False
         self.num_computed[new] = plan.new_num_cached_tokens
-        self.temperature[new] = plan.new_temperature
-        self.top_p[new] = plan.new_top_p
-        self.top_k[new] = plan.new_top_k
-        self.seed[new] = plan.new_seed
-        self.has_seed[new] = plan.new_has_seed.astype(bool)
+        for name in ("stop_ids", "cached_token_ids", "prompt_logprob_token_ids"):
+            self._check_token_ids(getattr(plan, name), name)
+        for name in ("new_num_logprobs", "new_num_prompt_logprobs"):
+            if len(new) and getattr(plan, name).max() > self.vocab_size:
+                raise PlanError(f"{name}: more top logprobs than the vocabulary has ({self.vocab_size})")
+        self.sampling_params.admit(plan)
+        self._admit_penalty_history(plan)
 
         self._check_slots(plan.block_slots, "block_slots")
         if len(plan.block_ids):
@@ -148,6 +169,11 @@ class BatchState:
             device_rows = torch.from_numpy(np.nonzero(~token_in_plan)[0]).to(device)
             device_slots = torch.from_numpy(slots[~in_plan].astype(np.int64)).to(device)
             input_ids[device_rows] = self.last_token[device_slots]
+        penalised = self.sampling_params.uses_penalties[token_slots]
+        if np.any(penalised):
+            rows = np.flatnonzero(penalised)
+            is_prompt = positions[rows] < self.sampling_params.num_prompt_tokens[token_slots[rows]]
+            self.penalties.observe(input_ids[torch.from_numpy(rows).to(device)], token_slots[rows], is_prompt)
 
         max_blocks = int(num_blocks_needed.max())
         meta = AttentionMetadata(
@@ -164,23 +190,28 @@ class BatchState:
 
         sampled_slots = slots[sample]
         sample_rows = cu_seqlens[1:][sample] - 1
-        as_tensor = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt)  # noqa: E731
-        sampling = SamplingInputs(
-            temperature=as_tensor(self.temperature[sampled_slots], torch.float32),
-            top_p=as_tensor(self.top_p[sampled_slots], torch.float32),
-            top_k=as_tensor(self.top_k[sampled_slots], torch.int32),
-            seed=as_tensor(self.seed[sampled_slots], torch.long),
-            has_seed=as_tensor(self.has_seed[sampled_slots], torch.bool),
-            positions=as_tensor(seq_lens[sample], torch.long),
-        )
         return StepInputs(
             input_ids=input_ids,
             positions=torch.from_numpy(positions).to(device),
             meta=meta,
             sample_indices=torch.from_numpy(sample_rows).to(device),
             sampled_slots=sampled_slots.astype(np.int32),
-            sampling=sampling,
+            sampling=self.sampling_params.gather(sampled_slots, seq_lens[sample]),
+            prompt_logprobs=self._prompt_logprob_inputs(plan, cu_seqlens),
         )
+
+    def _prompt_logprob_inputs(self, plan: StepPlan, cu_seqlens: np.ndarray) -> PromptLogprobInputs | None:
+        """Entry e flagged RUN_PROMPT_LOGPROBS with count c: its first c rows predict the next c prompt tokens."""
+        flagged = np.flatnonzero(plan.run_flags & RUN_PROMPT_LOGPROBS)
+        if not len(flagged):
+            return None
+        counts = plan.prompt_logprob_counts.astype(np.int64)
+        first_row = np.repeat(cu_seqlens[flagged], counts)
+        rows = first_row + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        num_top = int(self.sampling_params.num_prompt_logprobs[plan.run_slots[flagged]].max())
+        return PromptLogprobInputs(rows=torch.from_numpy(rows).to(self.device),
+                                   token_ids=torch.from_numpy(plan.prompt_logprob_token_ids.astype(np.int64)).to(self.device),
+                                   num_top=max(num_top, 0))
 
     def record_sampled(self, slots: np.ndarray, token_ids: torch.Tensor) -> None:
         if len(slots):

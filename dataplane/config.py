@@ -25,6 +25,14 @@ class DataPlaneConfig:
     enforce_eager: bool = False
     seed: int = 0
     num_threads: int = 0  # CPU intra-op threads, 0 = torch's default
+    # running it like production (docs/operations.md)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    max_message_bytes: int = 64 * 2**20
+    health_port: int = 0
+    keepalive_s: float = 10.0
+    keepalive_timeout_s: float = 5.0
 
     def validate(self) -> None:
         problems = []
@@ -44,6 +52,8 @@ class DataPlaneConfig:
             problems.append(f"--load-format must be auto or dummy, got {self.load_format!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             problems.append(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        from dataplane.security import config_problems
+        problems += config_problems(self)
         if problems:
             raise ValueError("invalid data plane configuration: " + "; ".join(problems))
 
@@ -66,4 +76,18 @@ HELP = {
     "enforce_eager": "disable CUDA graphs",
     "seed": "seed of the data plane's sampler for unseeded requests",
     "num_threads": "CPU threads for torch (0 = torch's default)",
+    "tls_cert": "PEM certificate (chain) of this server; with --tls-key, control planes must use TLS",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA certificate: accept only control planes presenting a client certificate it signed "
+                     "(mutual TLS; needs --tls-cert)",
+    "max_message_bytes": "largest step plan or result message",
+    "health_port": "plaintext port serving only grpc.health.v1, for probes that cannot do TLS (0 = off)",
+    "keepalive_s": "send the control plane a keepalive ping this often (seconds), to notice when it is gone "
+                   "and free its Step stream",
+    "keepalive_timeout_s": "the control plane is gone when a ping gets no answer within this",
 }
+
+# What `nanoplane serve` fixes for the data plane it starts as a loopback child: the control
+# plane's flags of these names (--port, --tls-cert, ...) are about the control plane's own port.
+SERVE_CHILD_OVERRIDES = {"host": "127.0.0.1", "port": 0, "tls_cert": "", "tls_key": "", "tls_client_ca": "",
+                         "health_port": 0, "max_message_bytes": DataPlaneConfig.max_message_bytes}

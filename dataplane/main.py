@@ -24,14 +24,27 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def run(config: DataPlaneConfig, ready_file: str | None = None) -> int:
     from dataplane.runner import ModelRunner
-    from dataplane.server import build_server, set_serving
+    from dataplane.security import grpc_server_options, server_credentials
+    from dataplane.server import build_health_server, build_server, set_serving
 
     log.info("starting data plane", **describe_config(config))
     runner = ModelRunner(config)
-    server, port, health_servicer = build_server(runner, config.host, config.port)
+    try:
+        server, port, health_servicer = build_server(runner, config.host, config.port, server_credentials(config),
+                                                     grpc_server_options(config))
+        health_server = None
+        if config.health_port:
+            health_server, _ = build_health_server(health_servicer, config.host, config.health_port)
+    except RuntimeError as e:
+        log.error("data plane could not start", error=str(e))
+        print(f"nanoplane dataplane: error: {e}", file=sys.stderr)
+        return 1
     server.start()
-    set_serving(health_servicer, True)
-    log.info("data plane serving", address=f"{config.host}:{port}")
+    if health_server is not None:
+        health_server.start()
+    set_serving(health_servicer, True)  # weights loaded, KV cache allocated
+    log.info("data plane serving", address=f"{config.host}:{port}", tls=bool(config.tls_cert),
+             mutual_tls=bool(config.tls_client_ca), health_port=config.health_port or None)
     if ready_file:  # tells a parent process which port was picked; rename so it never reads half a file
         with open(ready_file + ".tmp", "w") as f:
             f.write(str(port))
@@ -42,6 +55,8 @@ def run(config: DataPlaneConfig, ready_file: str | None = None) -> int:
     stop.wait()
     set_serving(health_servicer, False)
     server.stop(grace=2).wait()
+    if health_server is not None:
+        health_server.stop(0)
     log.info("data plane stopped")
     return 0
 

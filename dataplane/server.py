@@ -17,6 +17,7 @@ from dataplane.batch_state import PlanError
 from dataplane.runner import ModelRunner
 from proto.nanoplane.v1 import dataplane_pb2, dataplane_pb2_grpc
 from proto.step import decode_plan, encode_result
+from proto.transport import server_options
 
 log = structlog.get_logger("dataplane.server")
 
@@ -49,6 +50,10 @@ class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServicer):
             for pb_plan in request_iterator:
                 try:
                     plan = decode_plan(pb_plan)
+                    # joined with the control plane's "sequence entered slot" lines by step_id and slot
+                    if len(plan.new_slots) or len(plan.drop_slots):
+                        log.info("batch changed", step_id=plan.step_id, new_slots=plan.new_slots.tolist(),
+                                 drop_slots=plan.drop_slots.tolist())
                     result = self.runner.execute(plan)
                 except (PlanError, ValueError) as e:
                     log.error("rejected step plan", step_id=pb_plan.step_id, error=str(e))
@@ -60,21 +65,35 @@ class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServicer):
             self._stream_lock.release()
 
 
-def build_server(runner: ModelRunner, host: str, port: int) -> tuple[grpc.Server, int, health.HealthServicer]:
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8),
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.so_reuseport", 0)])
+def build_server(runner: ModelRunner, host: str, port: int, credentials: grpc.ServerCredentials | None = None,
+                 options: list[tuple[str, int]] | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """credentials None = plaintext; options (dataplane.security.grpc_server_options) default to the defaults' sizes."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                         options=options if options is not None else server_options(MAX_MESSAGE_BYTES, 10.0, 5.0))
     dataplane_pb2_grpc.add_DataPlaneServicer_to_server(DataPlaneServicer(runner), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise RuntimeError(f"could not listen on {host}:{port}")
+    bound = listen(server, f"{host}:{port}", credentials)
     return server, bound, health_servicer
+
+
+def listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc raises on a port in use or an address it cannot bind
+        raise RuntimeError(f"could not listen on {address}: {e}") from e
+    if bound == 0:
+        raise RuntimeError(f"could not listen on {address}")
+    return bound
+
+
+def build_health_server(health_servicer: health.HealthServicer, host: str, port: int) -> tuple[grpc.Server, int]:
+    """A plaintext server of grpc.health.v1 alone, for probes that cannot do TLS (kubelet's grpc probe)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, listen(server, f"{host}:{port}")
 
 
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:

@@ -13,6 +13,12 @@ A plan carries only what changed (DESIGN.md, "The step protocol"):
   of tokens and flags; `token_ids` holds the tokens of entries flagged
   RUN_TOKENS_IN_PLAN (prefill chunks). Other entries are decodes of the token the
   data plane sampled last for that slot, so a steady decode step sends no ids.
+- `stop_ids`, `cached_token_ids`, `prompt_logprob_*`: variable-length extras of the
+  new entries and of entries flagged RUN_PROMPT_LOGPROBS (dataplane.proto says how
+  they line up); docs/sampling.md says what the sampling fields mean.
+
+A result carries the sampled ids and, for sequences that asked, logprobs of the
+model's raw distribution (`logprob_rows` names the rows that have them).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import numpy as np
 # run_flags bits
 RUN_SAMPLE = 1  # sample a token after this entry's last token
 RUN_TOKENS_IN_PLAN = 2  # the entry's tokens are in plan.token_ids
+RUN_PROMPT_LOGPROBS = 4  # return logprobs of the prompt tokens the entry's rows predict
 
 PLAN_ARRAYS: dict[str, np.dtype] = {
     "drop_slots": np.dtype("<i4"),
@@ -40,11 +47,38 @@ PLAN_ARRAYS: dict[str, np.dtype] = {
     "run_num_tokens": np.dtype("<i4"),
     "run_flags": np.dtype("u1"),
     "token_ids": np.dtype("<i4"),
+    "new_num_prompt_tokens": np.dtype("<i4"),
+    "new_min_p": np.dtype("<f4"),
+    "new_repetition_penalty": np.dtype("<f4"),
+    "new_presence_penalty": np.dtype("<f4"),
+    "new_frequency_penalty": np.dtype("<f4"),
+    "new_min_tokens": np.dtype("<i4"),
+    "new_num_logprobs": np.dtype("<i4"),
+    "new_num_prompt_logprobs": np.dtype("<i4"),
+    "new_num_stop_ids": np.dtype("<i4"),
+    "stop_ids": np.dtype("<i4"),
+    "cached_token_ids": np.dtype("<i4"),
+    "prompt_logprob_counts": np.dtype("<i4"),
+    "prompt_logprob_token_ids": np.dtype("<i4"),
 }
+# one entry per new sequence; defaults for a plan built without them
+NEW_SEQUENCE_ARRAYS = ("new_num_cached_tokens", "new_temperature", "new_top_p", "new_top_k", "new_seed",
+                       "new_has_seed", "new_num_prompt_tokens", "new_min_p", "new_repetition_penalty",
+                       "new_presence_penalty", "new_frequency_penalty", "new_min_tokens", "new_num_logprobs",
+                       "new_num_prompt_logprobs", "new_num_stop_ids")
 
 RESULT_ARRAYS: dict[str, np.dtype] = {
     "slots": np.dtype("<i4"),
     "token_ids": np.dtype("<i4"),
+    "logprob_rows": np.dtype("<i4"),
+    "logprobs": np.dtype("<f4"),
+    "logprob_ranks": np.dtype("<i4"),
+    "top_token_ids": np.dtype("<i4"),
+    "top_logprobs": np.dtype("<f4"),
+    "prompt_logprobs": np.dtype("<f4"),
+    "prompt_logprob_ranks": np.dtype("<i4"),
+    "prompt_top_token_ids": np.dtype("<i4"),
+    "prompt_top_logprobs": np.dtype("<f4"),
 }
 
 
@@ -70,15 +104,34 @@ class StepPlan:
     run_num_tokens: np.ndarray = _empty(PLAN_ARRAYS["run_num_tokens"])
     run_flags: np.ndarray = _empty(PLAN_ARRAYS["run_flags"])
     token_ids: np.ndarray = _empty(PLAN_ARRAYS["token_ids"])
+    new_num_prompt_tokens: np.ndarray = _empty(PLAN_ARRAYS["new_num_prompt_tokens"])
+    new_min_p: np.ndarray = _empty(PLAN_ARRAYS["new_min_p"])
+    new_repetition_penalty: np.ndarray = _empty(PLAN_ARRAYS["new_repetition_penalty"])
+    new_presence_penalty: np.ndarray = _empty(PLAN_ARRAYS["new_presence_penalty"])
+    new_frequency_penalty: np.ndarray = _empty(PLAN_ARRAYS["new_frequency_penalty"])
+    new_min_tokens: np.ndarray = _empty(PLAN_ARRAYS["new_min_tokens"])
+    new_num_logprobs: np.ndarray = _empty(PLAN_ARRAYS["new_num_logprobs"])
+    new_num_prompt_logprobs: np.ndarray = _empty(PLAN_ARRAYS["new_num_prompt_logprobs"])
+    new_num_stop_ids: np.ndarray = _empty(PLAN_ARRAYS["new_num_stop_ids"])
+    stop_ids: np.ndarray = _empty(PLAN_ARRAYS["stop_ids"])
+    cached_token_ids: np.ndarray = _empty(PLAN_ARRAYS["cached_token_ids"])
+    prompt_logprob_counts: np.ndarray = _empty(PLAN_ARRAYS["prompt_logprob_counts"])
+    prompt_logprob_token_ids: np.ndarray = _empty(PLAN_ARRAYS["prompt_logprob_token_ids"])
 
     @property
     def num_sampled(self) -> int:
         return int(np.count_nonzero(self.run_flags & RUN_SAMPLE))
 
+    @property
+    def new_uses_penalties(self) -> np.ndarray:
+        """bool per new sequence: some penalty is on (its cached tokens are in cached_token_ids)."""
+        return ((self.new_repetition_penalty != 1.0) | (self.new_presence_penalty != 0.0)
+                | (self.new_frequency_penalty != 0.0))
+
     def check(self) -> None:
         """Raises ValueError when the arrays are inconsistent with each other."""
         n_new = len(self.new_slots)
-        for name in ("new_num_cached_tokens", "new_temperature", "new_top_p", "new_top_k", "new_seed", "new_has_seed"):
+        for name in NEW_SEQUENCE_ARRAYS:
             if len(getattr(self, name)) != n_new:
                 raise ValueError(f"plan {self.step_id}: {name} has {len(getattr(self, name))} entries, new_slots {n_new}")
         if not len(self.block_slots) == len(self.block_indices) == len(self.block_ids):
@@ -93,6 +146,28 @@ class StepPlan:
             raise ValueError(f"plan {self.step_id}: an entry without tokens in the plan must run exactly 1 token")
         if np.any(self.run_num_tokens < 1):
             raise ValueError(f"plan {self.step_id}: every run entry must run at least 1 token")
+        self._check_extras(in_plan)
+
+    def _check_extras(self, in_plan: np.ndarray) -> None:
+        if np.any(self.new_num_stop_ids < 0) or int(self.new_num_stop_ids.sum()) != len(self.stop_ids):
+            raise ValueError(f"plan {self.step_id}: new_num_stop_ids add up to {int(self.new_num_stop_ids.sum())}, "
+                             f"stop_ids has {len(self.stop_ids)}")
+        want = int(self.new_num_cached_tokens[self.new_uses_penalties].sum())
+        if want != len(self.cached_token_ids):
+            raise ValueError(f"plan {self.step_id}: new entries with penalties have {want} cached tokens, "
+                             f"cached_token_ids has {len(self.cached_token_ids)}")
+        flagged = (self.run_flags & RUN_PROMPT_LOGPROBS) != 0
+        if len(self.prompt_logprob_counts) != int(flagged.sum()):
+            raise ValueError(f"plan {self.step_id}: {int(flagged.sum())} entries flagged RUN_PROMPT_LOGPROBS, "
+                             f"prompt_logprob_counts has {len(self.prompt_logprob_counts)}")
+        if np.any(flagged & ~in_plan):
+            raise ValueError(f"plan {self.step_id}: RUN_PROMPT_LOGPROBS on an entry without tokens in the plan")
+        counts = self.prompt_logprob_counts
+        if np.any(counts < 1) or np.any(counts > self.run_num_tokens[flagged]):
+            raise ValueError(f"plan {self.step_id}: prompt_logprob_counts must be in [1, the entry's tokens]")
+        if int(counts.sum()) != len(self.prompt_logprob_token_ids):
+            raise ValueError(f"plan {self.step_id}: prompt_logprob_counts add up to {int(counts.sum())}, "
+                             f"prompt_logprob_token_ids has {len(self.prompt_logprob_token_ids)}")
 
 
 @dataclass(slots=True)
@@ -100,6 +175,38 @@ class StepResult:
     step_id: int
     slots: np.ndarray = _empty(RESULT_ARRAYS["slots"])
     token_ids: np.ndarray = _empty(RESULT_ARRAYS["token_ids"])
+    logprob_rows: np.ndarray = _empty(RESULT_ARRAYS["logprob_rows"])
+    logprobs: np.ndarray = _empty(RESULT_ARRAYS["logprobs"])
+    logprob_ranks: np.ndarray = _empty(RESULT_ARRAYS["logprob_ranks"])
+    top_token_ids: np.ndarray = _empty(RESULT_ARRAYS["top_token_ids"])
+    top_logprobs: np.ndarray = _empty(RESULT_ARRAYS["top_logprobs"])
+    prompt_logprobs: np.ndarray = _empty(RESULT_ARRAYS["prompt_logprobs"])
+    prompt_logprob_ranks: np.ndarray = _empty(RESULT_ARRAYS["prompt_logprob_ranks"])
+    prompt_top_token_ids: np.ndarray = _empty(RESULT_ARRAYS["prompt_top_token_ids"])
+    prompt_top_logprobs: np.ndarray = _empty(RESULT_ARRAYS["prompt_top_logprobs"])
+
+    @property
+    def num_top_logprobs(self) -> int:
+        return len(self.top_token_ids) // len(self.logprob_rows) if len(self.logprob_rows) else 0
+
+    @property
+    def num_top_prompt_logprobs(self) -> int:
+        return len(self.prompt_top_token_ids) // len(self.prompt_logprobs) if len(self.prompt_logprobs) else 0
+
+    def check(self) -> None:
+        """Raises ValueError when the arrays are inconsistent with each other."""
+        if len(self.slots) != len(self.token_ids):
+            raise ValueError(f"result {self.step_id}: {len(self.slots)} slots but {len(self.token_ids)} token ids")
+        for rows, (value, rank, top_ids, top_lp) in (
+                (len(self.logprob_rows), ("logprobs", "logprob_ranks", "top_token_ids", "top_logprobs")),
+                (len(self.prompt_logprobs), ("prompt_logprobs", "prompt_logprob_ranks", "prompt_top_token_ids",
+                                             "prompt_top_logprobs"))):
+            sizes = [len(getattr(self, n)) for n in (value, rank)]
+            n_top = len(getattr(self, top_ids))
+            if sizes != [rows, rows] or n_top != len(getattr(self, top_lp)) or (n_top % rows if rows else n_top):
+                raise ValueError(f"result {self.step_id}: {value}, {rank}, {top_ids} and {top_lp} do not line up")
+        if len(self.logprob_rows) and (self.logprob_rows.min() < 0 or self.logprob_rows.max() >= len(self.slots)):
+            raise ValueError(f"result {self.step_id}: logprob_rows out of range")
 
 
 def _pack(arr: np.ndarray, dtype: np.dtype) -> bytes:
@@ -128,8 +235,7 @@ def encode_result(result: StepResult, pb_cls):
 
 def decode_result(pb) -> StepResult:
     result = StepResult(step_id=pb.step_id, **{n: _unpack(getattr(pb, n), d, n) for n, d in RESULT_ARRAYS.items()})
-    if len(result.slots) != len(result.token_ids):
-        raise ValueError(f"result {result.step_id}: {len(result.slots)} slots but {len(result.token_ids)} token ids")
+    result.check()
     return result
 
 

@@ -22,7 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class InProcessStack:
-    def __init__(self, model: str, **dataplane_options):
+    """control_plane_options: ControlPlaneConfig fields; dataplane_credentials: the data plane server's TLS
+    (grpc.ServerCredentials); client_options: Client keywords (token, tls_ca)."""
+
+    def __init__(self, model: str, control_plane_options: dict | None = None, dataplane_credentials=None,
+                 client_options: dict | None = None, **dataplane_options):
         from controlplane.config import ControlPlaneConfig
         from controlplane.main import start_control_plane
         from dataplane.config import DataPlaneConfig
@@ -31,17 +35,19 @@ class InProcessStack:
 
         options = {"device": "cpu", "num_threads": 2, **dataplane_options}
         self.runner = ModelRunner(DataPlaneConfig(model=model, port=0, **options))
-        self.dp_server, self.dp_port, health = build_server(self.runner, "127.0.0.1", 0)
+        self.dp_server, self.dp_port, health = build_server(self.runner, "127.0.0.1", 0, dataplane_credentials)
         self.dp_server.start()
         set_serving(health, True)
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        config = ControlPlaneConfig(port=0, dataplane=f"127.0.0.1:{self.dp_port}", tokenizer=model)
+        config = ControlPlaneConfig(port=0, dataplane=f"127.0.0.1:{self.dp_port}", tokenizer=model,
+                                    **(control_plane_options or {}))
+        config.validate()
         self.control_plane = asyncio.run_coroutine_threadsafe(start_control_plane(config), self.loop).result(120)
         self.target = f"127.0.0.1:{self.control_plane.port}"
-        self.client = Client(self.target, timeout_s=120)
+        self.client = Client(self.target, timeout_s=120, **(client_options or {}))
 
     @property
     def scheduler(self):

@@ -1,8 +1,9 @@
 """Sampler: one token id per row of the LM head's logits.
 
-Greedy rows (temperature ~0) take the argmax of the raw logits. The others are
-divided by their temperature, filtered by top-k and then top-p (vLLM's order) and
-drawn with the exponential race argmax(p / E), E ~ Exp(1), which samples exactly
+Greedy rows (temperature ~0) take the argmax of the logits they are given (raw, or
+after penalties and min_tokens: dataplane/sampling_step.py applies those first). The
+others are divided by their temperature, filtered by min-p, top-k and then top-p (vLLM
+v1's order) and drawn with the exponential race argmax(p / E), E ~ Exp(1), which samples exactly
 from p (the Gumbel-max trick without logs). Unseeded rows draw E from the runner's
 generator. A seeded row's E is a counter-based stream: a 32-bit integer hash of
 (token id, key) with key = hash64(seed, position), so its tokens do not depend on the
@@ -22,20 +23,23 @@ _MASK64 = (1 << 64) - 1
 class Sampler:
     def sample(self, logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
                seed: torch.Tensor, has_seed: torch.Tensor, positions: torch.Tensor,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, min_p: torch.Tensor | None = None) -> torch.Tensor:
         """logits [N, V]; per row: temperature f32, top_p f32, top_k i32 (-1 = off),
-        seed i64, has_seed bool, positions i64 (index of the token being sampled).
+        seed i64, has_seed bool, positions i64 (index of the token being sampled),
+        min_p f32 (0 = off; None = all off).
         Returns the sampled ids, int64 [N], on the logits' device."""
         logits = logits.float()
         device, vocab_size = logits.device, logits.shape[-1]
         temperature, top_p, top_k = temperature.to(device), top_p.to(device), top_k.to(device)
+        min_p = torch.zeros_like(top_p) if min_p is None else min_p.to(device)
         greedy = temperature < GREEDY_TEMPERATURE
         greedy_ids = logits.argmax(dim=-1)
-        needs_filter = ~greedy & (((top_k > 0) & (top_k < vocab_size)) | (top_p < 1.0))
+        needs_filter = ~greedy & (((top_k > 0) & (top_k < vocab_size)) | (top_p < 1.0) | (min_p > 0.0))
         seeded = has_seed.to(device) & ~greedy
         # every decision below in one device-to-host sync
-        all_greedy, any_filter, any_seeded, all_seeded = torch.stack(
-            [greedy.all(), needs_filter.any(), seeded.any(), (seeded | greedy).all()]).tolist()
+        all_greedy, any_filter, any_min_p, any_seeded, all_seeded = torch.stack(
+            [greedy.all(), needs_filter.any(), (~greedy & (min_p > 0.0)).any(), seeded.any(),
+             (seeded | greedy).all()]).tolist()
         if all_greedy:
             return greedy_ids
 
@@ -43,9 +47,10 @@ class Sampler:
         if any_filter:
             rows = needs_filter.nonzero().squeeze(1)
             if len(rows) == len(scaled):
-                scaled = apply_top_k_top_p(scaled, top_k, top_p)
+                scaled = apply_top_k_top_p(apply_min_p(scaled, min_p) if any_min_p else scaled, top_k, top_p)
             else:
-                scaled[rows] = apply_top_k_top_p(scaled[rows], top_k[rows], top_p[rows])
+                picked = apply_min_p(scaled[rows], min_p[rows]) if any_min_p else scaled[rows]
+                scaled[rows] = apply_top_k_top_p(picked, top_k[rows], top_p[rows])
         probs = scaled.softmax(dim=-1)
 
         noise = torch.ones_like(probs)  # what greedy rows keep when every other row is seeded
@@ -53,8 +58,7 @@ class Sampler:
             noise = _unseeded_noise(probs.shape, device, generator)
         if any_seeded:
             rows = seeded.nonzero().squeeze(1)
-            seeds, row_positions = torch.stack([seed.to(device)[rows], positions.to(device)[rows]]).tolist()
-            keys = [mix_seed(s, p) for s, p in zip(seeds, row_positions)]
+            keys = mix_seeds(seed.to(device)[rows], positions.to(device)[rows])
             noise[rows] = seeded_noise(keys, vocab_size, device)
         # Exp(1) can return exactly 0 in float32; 0/0 would be NaN and win the argmax
         noise.clamp_min_(torch.finfo(torch.float32).tiny)
@@ -62,6 +66,14 @@ class Sampler:
         return torch.where(greedy, greedy_ids, sampled_ids)
 
     __call__ = sample
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf the tokens whose probability is below min_p times the most likely
+    token's (0 = off). The most likely token always survives."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.float().unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -83,12 +95,17 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def seeded_noise(keys: list[int], vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def seeded_noise(keys: list[int] | torch.Tensor, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Exp(1) noise [len(keys), V], element (r, v) a function of (keys[r], v) only.
+    keys: 64-bit ints, or an int64 tensor holding their two's complement (mix_seeds).
 
     A torch.Generator per row would cost milliseconds per row on the CPU (1.1 s a
     step for 256 seeded rows of a 152k vocabulary); this is a few elementwise ops."""
-    halves = torch.tensor([[k & _MASK32, k >> 32] for k in keys], dtype=torch.int64, device=device)
+    if isinstance(keys, torch.Tensor):
+        keys = keys.to(device)
+        halves = torch.stack([keys & _MASK32, _shift_right(keys, 32)], dim=1)
+    else:
+        halves = torch.tensor([[k & _MASK32, k >> 32] for k in keys], dtype=torch.int64, device=device)
     x = torch.arange(vocab_size, dtype=torch.int64, device=device).expand(len(keys), -1) ^ halves[:, :1]
     x = _hash32_(x)
     x ^= halves[:, 1:]
@@ -103,11 +120,37 @@ def mix_seed(seed: int, position: int) -> int:
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (position & _MASK64))
 
 
+def mix_seeds(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """mix_seed over int64 tensors, on their device, with no host round trip: the
+    results are the same 64 bits, held as int64 (two's complement)."""
+    return _splitmix64_tensor(_splitmix64_tensor(seeds.long()) ^ positions.long())
+
+
 def _splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
+
+
+def _as_int64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_SPLITMIX = [_as_int64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)]
+
+
+def _shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 holding uint64 bits (>> on int64 copies the sign bit)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def _splitmix64_tensor(x: torch.Tensor) -> torch.Tensor:
+    # int64 addition and multiplication wrap modulo 2**64 like the uint64 ones
+    x = x + _SPLITMIX[0]
+    x = (x ^ _shift_right(x, 30)) * _SPLITMIX[1]
+    x = (x ^ _shift_right(x, 27)) * _SPLITMIX[2]
+    return x ^ _shift_right(x, 31)
 
 
 def _hash32_(x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controlplane.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from controlplane.detokenizer import REPLACEMENT_CHAR, DetokenizerDelta, IncrementalDetokenizer
 from controlplane.tokenizer import load_tokenizer
 
 BROKEN_TEXT = "héllo 😀🎉 世界 こんにちは, naïve café ∑ 𝔘 🇫🇷 done"
@@ -111,6 +111,19 @@ def test_hold_back_is_at_most_longest_stop_minus_one(tok):
     assert detok.add(tok.encode(" b")).text == "aaa b"
     detok = IncrementalDetokenizer(tok, [], stop=["ab"])
     assert detok.add(tok.encode("xxxxa")).text == "xxxx"
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(tok):
+    detok = IncrementalDetokenizer(tok, [], stop=["lo big wor"], include_stop_str_in_output=True)
+    text = "".join(stream(detok, tok.encode("Hello big world, and more")))
+    assert text == "Hello big wor" and detok.stopped
+
+
+def test_unchecked_text_is_released_whole_and_never_stops(tok):
+    detok = IncrementalDetokenizer(tok, [], stop=["STOP", "ab"])
+    delta = detok.add(tok.encode("xx STOP xa"), check_stop=False)  # before min_tokens: no match, nothing held
+    assert (delta.text, delta.stopped) == ("xx STOP xa", False)
+    assert detok.add(tok.encode(" and STOP"), check_stop=True) == DetokenizerDelta(" and ", True)
 
 
 def test_decoded_window_stays_small(tok):

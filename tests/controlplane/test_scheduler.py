@@ -243,6 +243,11 @@ def test_oracle_rejects_decode_without_tokens_for_a_slot_that_never_sampled():
     plan = StepPlan(step_id=0, new_slots=np.array([0], "<i4"), new_num_cached_tokens=np.array([0], "<i4"),
                     new_temperature=np.ones(1, "<f4"), new_top_p=np.ones(1, "<f4"), new_top_k=np.full(1, -1, "<i4"),
                     new_seed=np.zeros(1, "<i8"), new_has_seed=np.zeros(1, "u1"),
+                    new_num_prompt_tokens=np.array([3], "<i4"), new_min_p=np.zeros(1, "<f4"),
+                    new_repetition_penalty=np.ones(1, "<f4"), new_presence_penalty=np.zeros(1, "<f4"),
+                    new_frequency_penalty=np.zeros(1, "<f4"), new_min_tokens=np.zeros(1, "<i4"),
+                    new_num_logprobs=np.full(1, -1, "<i4"), new_num_prompt_logprobs=np.full(1, -1, "<i4"),
+                    new_num_stop_ids=np.zeros(1, "<i4"),
                     block_slots=np.array([0], "<i4"), block_indices=np.array([0], "<i4"), block_ids=np.array([2], "<i4"),
                     run_slots=np.array([0], "<i4"), run_num_tokens=np.array([1], "<i4"),
                     run_flags=np.array([RUN_SAMPLE], "u1"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataplane.layers.sampler import Sampler, apply_top_k_top_p, mix_seed, seeded_noise
+from dataplane.layers.sampler import Sampler, apply_top_k_top_p, mix_seed, mix_seeds, seeded_noise
 
 NUM_DRAWS = 20_000
 
@@ -160,6 +160,17 @@ def test_seeded_noise_is_a_keyed_exponential_stream():
     assert (noise > 0).all() and torch.isfinite(noise).all()
     assert noise.mean().item() == pytest.approx(1.0, abs=0.01) and noise.var().item() == pytest.approx(1.0, abs=0.03)
     assert abs(np.corrcoef(noise[0].numpy(), noise[1].numpy())[0, 1]) < 0.02
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_mix_seeds_on_the_device_equals_mix_seed(device):
+    rng = np.random.default_rng(0)
+    seeds = rng.integers(0, 2**63 - 1, 500, dtype=np.int64).tolist() + [0, 1, 2**63 - 1]
+    positions = rng.integers(0, 2**40, len(seeds)).tolist()
+    keys = mix_seeds(torch.tensor(seeds, device=device), torch.tensor(positions, device=device))
+    assert [k % 2**64 for k in keys.cpu().tolist()] == [mix_seed(s, p) for s, p in zip(seeds, positions)]
+    assert torch.equal(seeded_noise(keys, 1000, device).cpu(), seeded_noise([mix_seed(s, p) for s, p in
+                                                                             zip(seeds, positions)], 1000))
 
 
 def test_unseeded_rows_follow_the_generator():

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#proto/nanoplane/v1/generation.proto\x12\x0cnanoplane.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"y\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.nanoplane.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xf4\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\xd4\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x32\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x16.nanoplane.v1.TokenIdsH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.nanoplane.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.nanoplane.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x82\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.nanoplane.v1.Usage\"\x94\x01\n\x0fTokenizeRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x08messages\x18\x02 \x01(\x0b\x32\x1a.nanoplane.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xf7\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x04 \x01(\x04\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\n \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x0b \x01(\r2\xf0\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.nanoplane.v1.GenerateRequest\x1a\x1e.nanoplane.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.nanoplane.v1.TokenizeRequest\x1a\x1e.nanoplane.v1.TokenizeResponse\x12J\n\x0cGetModelInfo\x12!.nanoplane.v1.GetModelInfoRequest\x1a\x17.nanoplane.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#proto/nanoplane/v1/generation.proto\x12\x0cnanoplane.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"y\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.nanoplane.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa6\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\t\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\x0e\n\x01n\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x10 \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\r\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x04\n\x02_nB\r\n\x0b_min_tokensB\x16\n\x14_skip_special_tokens\"\xd4\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x32\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x16.nanoplane.v1.TokenIdsH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.nanoplane.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.nanoplane.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xfc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.nanoplane.v1.Usage\x12\r\n\x05index\x18\x06 \x01(\r\x12\x30\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1e.nanoplane.v1.PositionLogprobs\x12\x37\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1e.nanoplane.v1.PositionLogprobs\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\"f\n\x10PositionLogprobs\x12)\n\x05token\x18\x01 \x01(\x0b\x32\x1a.nanoplane.v1.TokenLogprob\x12\'\n\x03top\x18\x02 \x03(\x0b\x32\x1a.nanoplane.v1.TokenLogprob\"\x94\x01\n\x0fTokenizeRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x08messages\x18\x02 \x01(\x0b\x32\x1a.nanoplane.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xf7\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x04 \x01(\x04\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\n \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x0b \x01(\r2\xf0\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.nanoplane.v1.GenerateRequest\x1a\x1e.nanoplane.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.nanoplane.v1.TokenizeRequest\x1a\x1e.nanoplane.v1.TokenizeResponse\x12J\n\x0cGetModelInfo\x12!.nanoplane.v1.GetModelInfoRequest\x1a\x17.nanoplane.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,21 +38,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=222
   _globals['_TOKENIDS']._serialized_end=245
   _globals['_SAMPLINGPARAMS']._serialized_start=248
-  _globals['_SAMPLINGPARAMS']._serialized_end=492
-  _globals['_GENERATEREQUEST']._serialized_start=495
-  _globals['_GENERATEREQUEST']._serialized_end=707
-  _globals['_USAGE']._serialized_start=709
-  _globals['_USAGE']._serialized_end=796
-  _globals['_GENERATERESPONSE']._serialized_start=799
-  _globals['_GENERATERESPONSE']._serialized_end=929
-  _globals['_TOKENIZEREQUEST']._serialized_start=932
-  _globals['_TOKENIZEREQUEST']._serialized_end=1080
-  _globals['_TOKENIZERESPONSE']._serialized_start=1082
-  _globals['_TOKENIZERESPONSE']._serialized_end=1135
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1137
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1158
-  _globals['_MODELINFO']._serialized_start=1161
-  _globals['_MODELINFO']._serialized_end=1408
-  _globals['_GENERATION']._serialized_start=1411
-  _globals['_GENERATION']._serialized_end=1651
+  _globals['_SAMPLINGPARAMS']._serialized_end=926
+  _globals['_GENERATEREQUEST']._serialized_start=929
+  _globals['_GENERATEREQUEST']._serialized_end=1141
+  _globals['_USAGE']._serialized_start=1143
+  _globals['_USAGE']._serialized_end=1230
+  _globals['_GENERATERESPONSE']._serialized_start=1233
+  _globals['_GENERATERESPONSE']._serialized_end=1485
+  _globals['_TOKENLOGPROB']._serialized_start=1487
+  _globals['_TOKENLOGPROB']._serialized_end=1550
+  _globals['_POSITIONLOGPROBS']._serialized_start=1552
+  _globals['_POSITIONLOGPROBS']._serialized_end=1654
+  _globals['_TOKENIZEREQUEST']._serialized_start=1657
+  _globals['_TOKENIZEREQUEST']._serialized_end=1805
+  _globals['_TOKENIZERESPONSE']._serialized_start=1807
+  _globals['_TOKENIZERESPONSE']._serialized_end=1860
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1862
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1883
+  _globals['_MODELINFO']._serialized_start=1886
+  _globals['_MODELINFO']._serialized_end=2133
+  _globals['_GENERATION']._serialized_start=2136
+  _globals['_GENERATION']._serialized_end=2376
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,163 @@
+"""Observability of the control plane: the Prometheus endpoint after real requests, and a health status
+that follows the data plane (NOT_SERVING when it is gone, SERVING again when it is back)."""
+import re
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client import NanoplaneError, SamplingParams
+from controlplane.metrics import Counter, Histogram, Registry
+from dataplane.server import build_server, set_serving
+from tests.stack import InProcessStack, free_port
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$')
+NAMES = ["nanoplane:num_requests_running", "nanoplane:num_requests_waiting", "nanoplane:kv_cache_usage_perc",
+         "nanoplane:prefix_cache_queries_total", "nanoplane:prefix_cache_hits_total", "nanoplane:num_preemptions_total",
+         "nanoplane:prompt_tokens_total", "nanoplane:generation_tokens_total", "nanoplane:request_success_total",
+         "nanoplane:time_to_first_token_seconds", "nanoplane:time_per_output_token_seconds",
+         "nanoplane:e2e_request_latency_seconds", "nanoplane:request_queue_time_seconds",
+         "nanoplane:step_duration_seconds", "nanoplane:dataplane_connected"]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model_dir):
+    s = InProcessStack(str(tiny_model_dir("qwen3")), block_size=16, num_kv_blocks=64,
+                       control_plane_options=dict(metrics_port=free_port(), dataplane_health_interval_s=1.0))
+    yield s
+    s.close()
+
+
+def scrape(stack) -> tuple[str, dict[str, float]]:
+    """The exposition text and its samples by `name{labels}` (the constant model_name label left out)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{stack.control_plane.metrics.port}/metrics", timeout=10).read()
+    samples = {}
+    for line in text.decode().splitlines():
+        if line.startswith("#") or not line:
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not a sample line: {line!r}"
+        name, labels, value = match.groups()
+        labels = re.sub(r'model_name="[^"]*",?', "", labels or "").replace("{}", "")
+        samples[name + labels] = float(value)
+    return text.decode(), samples
+
+
+def health_status(stack) -> int:
+    channel = grpc.insecure_channel(stack.target)
+    with channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def wait_for_health(stack, status: int, timeout_s: float) -> float:
+    started = time.monotonic()
+    while health_status(stack) != status:
+        assert time.monotonic() - started < timeout_s, f"health did not become {status} within {timeout_s} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_metrics_after_a_few_requests(stack):
+    _, before = scrape(stack)
+    prompt = "The quick brown fox jumps over the lazy dog. " * 5  # > 2 blocks, so repeats hit the prefix cache
+    prompt_ids = stack.client.tokenize(prompt)
+    for _ in range(3):
+        result = stack.client.generate(prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        assert result.finish_reason == "length"
+    stack.wait_idle()
+    text, after = scrape(stack)
+
+    for name in NAMES:
+        assert f"# TYPE {name} " in text, name
+    assert 'model_name="' in text
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert delta['nanoplane:request_success_total{finished_reason="length"}'] == 3
+    assert delta["nanoplane:prompt_tokens_total"] == 3 * len(prompt_ids)
+    assert delta["nanoplane:generation_tokens_total"] == 15
+    assert delta["nanoplane:prefix_cache_queries_total"] == 3 * len(prompt_ids)
+    assert delta["nanoplane:prefix_cache_hits_total"] >= 2 * 16 * 2  # the 2nd and 3rd found full blocks
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+                      "time_per_output_token_seconds"):
+        assert delta[f"nanoplane:{histogram}_count"] == 3, histogram
+        assert delta[f'nanoplane:{histogram}_bucket{{le="+Inf"}}'] == 3
+    assert delta["nanoplane:step_duration_seconds_count"] >= 5 * 3
+    assert 0 < after["nanoplane:time_to_first_token_seconds_sum"] < after["nanoplane:e2e_request_latency_seconds_sum"]
+    assert after["nanoplane:num_requests_running"] == 0 and after["nanoplane:num_requests_waiting"] == 0
+    assert 0.0 <= after["nanoplane:kv_cache_usage_perc"] <= 1.0
+    assert after["nanoplane:num_preemptions_total"] == 0 and after["nanoplane:dataplane_connected"] == 1
+    buckets = [v for k, v in after.items() if k.startswith("nanoplane:e2e_request_latency_seconds_bucket")]
+    assert buckets == sorted(buckets)  # cumulative
+
+
+def test_running_requests_and_kv_usage_show_while_generating(stack):
+    done = threading.Event()
+
+    def generate():
+        stack.client.generate("Once upon a time", SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))
+        done.set()
+
+    threading.Thread(target=generate, daemon=True).start()
+    seen = {}
+    while not done.is_set():
+        _, samples = scrape(stack)
+        if samples["nanoplane:num_requests_running"] == 1:
+            seen = samples
+            break
+        time.sleep(0.005)
+    done.wait(60)
+    assert seen, "the request finished before a scrape saw it run"
+    assert seen["nanoplane:kv_cache_usage_perc"] > 0
+
+
+def test_registry_renders_the_text_format():
+    registry = Registry({"model_name": 'a "b"'})
+    counter = registry.add(Counter("x_total", "Things.", ("kind",)))
+    counter.inc(2, kind="k")
+    histogram = registry.add(Histogram("h_seconds", "Times.", (0.1, 1.0)))
+    for value in (0.05, 0.1, 0.5, 3.0):
+        histogram.observe(value)
+    text = registry.render()
+    assert 'x_total{model_name="a \\"b\\"",kind="k"} 2' in text
+    assert 'h_seconds_bucket{model_name="a \\"b\\"",le="0.1"} 2' in text  # le is inclusive
+    assert 'h_seconds_bucket{model_name="a \\"b\\"",le="1"} 3' in text
+    assert 'h_seconds_bucket{model_name="a \\"b\\"",le="+Inf"} 4' in text
+    assert 'h_seconds_count{model_name="a \\"b\\""} 4' in text
+    with pytest.raises(ValueError):
+        counter.inc(-1, kind="k")
+
+
+def test_health_follows_the_data_plane(stack):
+    """Killed during a stream: the engine reports it at once. Back on the same port: SERVING again."""
+    assert health_status(stack) == health_pb2.HealthCheckResponse.SERVING
+    stream = stack.client.generate_stream("Once upon a time", SamplingParams(max_tokens=400, temperature=0,
+                                                                             ignore_eos=True))
+    next(stream)
+    stack.dp_server.stop(0)  # the data plane goes away under the stream
+    with pytest.raises(NanoplaneError) as caught:
+        list(stream)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    wait_for_health(stack, health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=0.5)  # well before a watcher probe
+    _, samples = scrape(stack)
+    assert samples["nanoplane:dataplane_connected"] == 0 and samples["nanoplane:request_failure_total"] >= 1
+
+    stack.dp_server, _, dp_health = build_server(stack.runner, "127.0.0.1", stack.dp_port)
+    stack.dp_server.start()
+    set_serving(dp_health, True)
+    wait_for_health(stack, health_pb2.HealthCheckResponse.SERVING, timeout_s=10)
+    result = stack.client.generate("Once upon a time", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert result.finish_reason == "length"
+
+
+def test_idle_control_plane_notices_a_dead_data_plane(stack):
+    """No request in flight: the health watcher, not the engine, finds the data plane gone."""
+    stack.dp_server.stop(0)
+    wait_for_health(stack, health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=5)
+    stack.dp_server, _, dp_health = build_server(stack.runner, "127.0.0.1", stack.dp_port)
+    stack.dp_server.start()
+    set_serving(dp_health, True)
+    wait_for_health(stack, health_pb2.HealthCheckResponse.SERVING, timeout_s=10)
+    result = stack.client.generate("Once upon a time", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert result.finish_reason == "length"  # the step stream that died while idle was replaced
