@@ -1,8 +1,19 @@
-"""RMSNorm, alone or fused with the residual add that precedes it in every decoder layer."""
+"""RMSNorm, alone or fused with the residual add that precedes it in every decoder layer.
+
+On CUDA one Triton kernel per call (fused_ops.py); the torch code below is the CPU path and
+the reference (NANOPLANE_DISABLE_FUSED_OPS=1 forces it everywhere).
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+try:
+    from dataplane.layers import fused_ops
+except ModuleNotFoundError as e:  # no Triton: the torch code is the only path
+    if e.name != "triton":
+        raise
+    fused_ops = None
 
 
 class RMSNorm(nn.Module):
@@ -18,6 +29,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or with a residual: (norm(x + residual), x + residual)."""
+        if fused_ops is not None and fused_ops.enabled_for(x):
+            if residual is None:
+                return fused_ops.rms_norm(x, self.weight, self.eps)
+            return fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
         orig_dtype = x.dtype
         if residual is None:
             return self._norm(x.float(), orig_dtype)

@@ -1,7 +1,8 @@
 """Rotary position embedding (rotate-half layout, as in HF Llama/Qwen) with a cos/sin cache.
 
 Supports plain RoPE and the "llama3" frequency scaling of Llama 3.1+; any other scaling
-type is refused with an error rather than silently ignored.
+type is refused with an error rather than silently ignored. On CUDA, q and k are rotated
+by one Triton kernel (fused_ops.py); the torch code is the CPU path and the reference.
 """
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ import math
 
 import torch
 from torch import nn
+
+try:
+    from dataplane.layers import fused_ops
+except ModuleNotFoundError as e:  # no Triton: the torch code is the only path
+    if e.name != "triton":
+        raise
+    fused_ops = None
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -64,6 +72,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
         """query [T, num_heads * head_size], key [T, num_kv_heads * head_size] -> both rotated."""
+        if fused_ops is not None and fused_ops.enabled_for(query):
+            return fused_ops.apply_rotary(positions, query, key, self.cos_sin_cache, self.head_size)
         cos, sin = self.cos_sin_cache[positions].float().unsqueeze(1).chunk(2, dim=-1)
         q_shape, k_shape = query.shape, key.shape
         query = apply_rotary_emb(query.view(q_shape[0], -1, self.head_size), cos, sin).view(q_shape)
