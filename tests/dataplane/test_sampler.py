@@ -169,8 +169,10 @@ def test_mix_seeds_on_the_device_equals_mix_seed(device):
     positions = rng.integers(0, 2**40, len(seeds)).tolist()
     keys = mix_seeds(torch.tensor(seeds, device=device), torch.tensor(positions, device=device))
     assert [k % 2**64 for k in keys.cpu().tolist()] == [mix_seed(s, p) for s, p in zip(seeds, positions)]
-    assert torch.equal(seeded_noise(keys, 1000, device).cpu(), seeded_noise([mix_seed(s, p) for s, p in
-                                                                             zip(seeds, positions)], 1000))
+    # the integer keys are bit-exact; the noise is -log(u) of the same u, and CUDA's log may differ by an ulp
+    torch.testing.assert_close(seeded_noise(keys, 1000, device).cpu(),
+                               seeded_noise([mix_seed(s, p) for s, p in zip(seeds, positions)], 1000),
+                               rtol=0 if device == "cpu" else 1e-6, atol=0)
 
 
 def test_unseeded_rows_follow_the_generator():
