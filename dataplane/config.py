@@ -23,6 +23,7 @@ class DataPlaneConfig:
     gpu_memory_utilization: float = 0.9
     attention_backend: str = "auto"  # auto | torch | triton | flash-attn
     enforce_eager: bool = False
+    tensor_parallel_size: int = 1
     seed: int = 0
     num_threads: int = 0  # CPU intra-op threads, 0 = torch's default
     # running it like production (docs/operations.md)
@@ -50,6 +51,8 @@ class DataPlaneConfig:
             problems.append(f"--cpu-kv-cache-gib must be positive, got {self.cpu_kv_cache_gib}")
         if self.load_format not in ("auto", "dummy"):
             problems.append(f"--load-format must be auto or dummy, got {self.load_format!r}")
+        if self.tensor_parallel_size < 1:
+            problems.append(f"--tensor-parallel-size must be at least 1, got {self.tensor_parallel_size}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             problems.append(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         from dataplane.security import config_problems
@@ -74,6 +77,8 @@ HELP = {
     "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
     "attention_backend": "auto, torch, triton or flash-attn",
     "enforce_eager": "disable CUDA graphs",
+    "tensor_parallel_size": "split the model over this many ranks, one process per GPU (GPUs N, N+1, ... for "
+                            "--device cuda:N), NCCL between them; on CPU, processes talking gloo",
     "seed": "seed of the data plane's sampler for unseeded requests",
     "num_threads": "CPU threads for torch (0 = torch's default)",
     "tls_cert": "PEM certificate (chain) of this server; with --tls-key, control planes must use TLS",

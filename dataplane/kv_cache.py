@@ -2,24 +2,27 @@
 
 One tensor `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]` (DESIGN.md,
 "Memory"); each Attention module gets views of its layer's K and V. Under tensor
-parallelism a rank holds only its own kv heads.
+parallelism a rank holds only its own kv heads (one replicated head when the model has
+fewer KV heads than ranks).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from dataplane.distributed import divide, get_tp_size
+from dataplane.distributed import get_tp_size, local_num_kv_heads
 from dataplane.layers.attention import Attention
 from dataplane.model_config import ModelConfig
 
 
-def local_num_kv_heads(config: ModelConfig) -> int:
-    return divide(config.num_key_value_heads, get_tp_size())
+def rank_num_kv_heads(config: ModelConfig) -> int:
+    return local_num_kv_heads(config.num_key_value_heads, get_tp_size())
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return config.kv_bytes_per_token(dtype) // get_tp_size() * block_size
+    """Bytes one block takes on one rank."""
+    per_head = config.kv_bytes_per_token(dtype) // config.num_key_value_heads
+    return per_head * rank_num_kv_heads(config) * block_size
 
 
 def num_blocks_for_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype, nbytes: int) -> int:
@@ -30,7 +33,7 @@ def num_blocks_for_bytes(config: ModelConfig, block_size: int, dtype: torch.dtyp
 def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                       device: torch.device | str) -> torch.Tensor:
     # zeros, not empty: the torch reference multiplies masked-out (never written) slots by 0, and NaN * 0 is NaN
-    return torch.zeros(config.num_hidden_layers, 2, num_blocks, block_size, local_num_kv_heads(config),
+    return torch.zeros(config.num_hidden_layers, 2, num_blocks, block_size, rank_num_kv_heads(config),
                        config.head_dim, dtype=dtype, device=device)
 
 

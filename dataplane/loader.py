@@ -2,6 +2,8 @@
 
 load_dummy_model builds the same model with random weights from the config alone
 (config.json or GGUF metadata), for benchmarks where the real weights are not at hand.
+Each whole checkpoint tensor is drawn from a generator seeded by its name and loaded
+through the weight loaders, so every tensor-parallel size holds the same model.
 
 Weights load Nano-vLLM style: one loop over checkpoint tensors; names of fused modules
 go through the model's `packed_modules_mapping` to the fused parameter's `weight_loader`
@@ -12,6 +14,7 @@ what was missing and what was unexpected.
 from __future__ import annotations
 
 import json
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -80,19 +83,38 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
 
 
 def load_dummy_model(path: str | Path, dtype: torch.dtype | str | None = None,
-                     device: torch.device | str = "cpu") -> tuple[nn.Module, ModelConfig]:
-    """Like load_model, but only the config is read: weights are random (torch's global RNG; seed it first)."""
+                     device: torch.device | str = "cpu", seed: int = 0) -> tuple[nn.Module, ModelConfig]:
+    """Like load_model, but only the config is read: weights are random, the same for a seed at any TP size."""
     config, _ = _open_checkpoint(Path(path))
     model = _build(config, dtype, device)
+    seen = set()
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif param.dim() >= 2:
-                param.normal_(0.0, 0.02)  # HF's initializer_range: activations keep a realistic scale
-            else:
-                param.zero_()
+        for module_name, module in model.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                if id(param) in seen:  # a tied LM head
+                    continue
+                seen.add(id(param))
+                name = f"{module_name}.{param_name}"
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                elif param.dim() >= 2:
+                    _load_random(module, name, param, seed)
+                else:
+                    param.zero_()
     return model.eval(), config
+
+
+def _load_random(module: nn.Module, name: str, param: nn.Parameter, seed: int) -> None:
+    shapes = module.checkpoint_shapes(param) if hasattr(module, "checkpoint_shapes") else [(None, tuple(param.shape))]
+    for shard_id, shape in shapes:
+        generator = torch.Generator(param.device).manual_seed(seed ^ zlib.crc32(f"{name}/{shard_id}".encode()))
+        # HF's initializer_range 0.02: activations keep a realistic scale
+        whole = torch.empty(shape, dtype=param.dtype, device=param.device).normal_(0.0, 0.02, generator=generator)
+        loader = getattr(param, "weight_loader", None) or (lambda p, w: copy_weight(p.data, w))
+        if shard_id is None:
+            loader(param, whole)
+        else:
+            loader(param, whole, shard_id)
 
 
 def read_hf_config(folder: Path) -> ModelConfig:

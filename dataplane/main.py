@@ -23,12 +23,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run(config: DataPlaneConfig, ready_file: str | None = None) -> int:
-    from dataplane.runner import ModelRunner
     from dataplane.security import grpc_server_options, server_credentials
     from dataplane.server import build_health_server, build_server, set_serving
+    from dataplane.tp_group import start_runner
 
     log.info("starting data plane", **describe_config(config))
-    runner = ModelRunner(config)
+    runner = start_runner(config)
+    close_runner = getattr(runner, "close", lambda: None)  # stops the other tensor-parallel ranks
     try:
         server, port, health_servicer = build_server(runner, config.host, config.port, server_credentials(config),
                                                      grpc_server_options(config))
@@ -38,6 +39,7 @@ def run(config: DataPlaneConfig, ready_file: str | None = None) -> int:
     except RuntimeError as e:
         log.error("data plane could not start", error=str(e))
         print(f"nanoplane dataplane: error: {e}", file=sys.stderr)
+        close_runner()
         return 1
     server.start()
     if health_server is not None:
@@ -57,6 +59,7 @@ def run(config: DataPlaneConfig, ready_file: str | None = None) -> int:
     server.stop(grace=2).wait()
     if health_server is not None:
         health_server.stop(0)
+    close_runner()
     log.info("data plane stopped")
     return 0
 

@@ -3,6 +3,10 @@
 One `execute(plan)` = fold the plan's deltas into the persistent batch, run the
 model over the scheduled tokens, sample the rows that finish their chunk, and
 return the sampled ids. The control plane decides everything else.
+
+Under tensor parallelism every rank builds its own ModelRunner over its shard and
+executes the same plans (dataplane/tp_group.py hands them out); only rank 0 samples,
+the other ranks join the LM head's logit gathers (dataplane/tp_worker.py).
 """
 from __future__ import annotations
 
@@ -15,13 +19,15 @@ import structlog
 import torch
 
 from dataplane.attention import available_backends
-from dataplane.batch_state import BatchState, PlanError
+from dataplane.batch_state import BatchState, PlanError, StepInputs
 from dataplane.config import DataPlaneConfig
 from dataplane.context import AttentionMetadata, forward_context
 from dataplane.cuda_graphs import DecodeGraphs
+from dataplane.distributed import get_tp_rank, get_tp_size, min_over_ranks, rank_device
 from dataplane.kv_cache import allocate_kv_cache, bind_kv_cache, num_blocks_for_bytes
 from dataplane.layers.attention import set_attention_backend
 from dataplane.layers.sampler import Sampler
+from dataplane.logprobs import PROMPT_ROWS_PER_CHUNK
 from dataplane.sampling_step import SamplingStep
 from dataplane.loader import load_dummy_model, load_model
 from dataplane.model_config import ModelConfig
@@ -50,15 +56,6 @@ class DataPlaneFacts:
     device: str
     attention_backend: str
     kv_bytes_per_token: int
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA GPU")
-    return device
 
 
 def _backend_supports(name: str, block_size: int, dtype: torch.dtype) -> bool:
@@ -98,7 +95,8 @@ def resolve_attention_backend(name: str, device: torch.device, block_size: int, 
 class ModelRunner:
     def __init__(self, config: DataPlaneConfig):
         self.config = config
-        self.device = resolve_device(config.device)
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.device = rank_device(config.device, self.tp_rank)
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
         dtype_name = config.dtype if config.dtype != "auto" else ("bfloat16" if self.device.type == "cuda" else "float32")
@@ -110,14 +108,14 @@ class ModelRunner:
         started = time.perf_counter()
         torch.manual_seed(config.seed)  # dummy weights are reproducible
         if config.load_format == "dummy":
-            self.model, self.model_config = load_dummy_model(config.model, self.dtype, self.device)
+            self.model, self.model_config = load_dummy_model(config.model, self.dtype, self.device, config.seed)
         else:
             self.model, self.model_config = load_model(config.model, self.dtype, self.device)
         self.model.eval()
         mc: ModelConfig = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.max_blocks_per_seq = (self.max_model_len + config.block_size - 1) // config.block_size
-        self.num_blocks = self._size_kv_cache(mc)
+        self.num_blocks = min_over_ranks(self._size_kv_cache(mc), self.device)  # ranks' free memory may differ
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, config.block_size, self.dtype, self.device)
         bind_kv_cache(self.model, self.kv_cache)
         self.batch = BatchState(config.max_num_seqs, self.max_blocks_per_seq, config.block_size, self.num_blocks,
@@ -130,7 +128,8 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq, self.max_model_len,
                                        mc.hidden_size, self.dtype, self.device, use_graphs=not config.enforce_eager)
             self.graphs.capture()
-        log.info("data plane ready", model=config.model, architecture=mc.architecture, device=str(self.device),
+        log.info("data plane ready", tp_rank=self.tp_rank, tp_size=self.tp_size, model=config.model,
+                 architecture=mc.architecture, device=str(self.device),
                  cuda_graphs=self.graphs.batch_sizes if self.graphs and self.graphs.use_graphs else None,
                  dtype=dtype_name, attention_backend=self.attention_backend, num_kv_blocks=self.num_blocks,
                  block_size=config.block_size, max_model_len=self.max_model_len,
@@ -217,4 +216,22 @@ class ModelRunner:
         else:
             with forward_context(inputs.meta):
                 hidden = self.model(inputs.input_ids, inputs.positions)
-        return self.sampling.run(plan.step_id, hidden, inputs)
+        if self.tp_rank == 0:
+            return self.sampling.run(plan.step_id, hidden, inputs)
+        _join_logit_gathers(self.model, hidden, inputs)
+        return StepResult(step_id=plan.step_id)
+
+    def record_leader_samples(self, slots: np.ndarray, token_ids: np.ndarray) -> None:
+        """On ranks > 0: the ids rank 0 sampled last step, which the next decode step feeds in."""
+        self.batch.record_sampled(slots, torch.from_numpy(token_ids.astype(np.int64)).to(self.device))
+
+
+def _join_logit_gathers(model: torch.nn.Module, hidden: torch.Tensor, inputs: StepInputs) -> None:
+    """A rank > 0's side of SamplingStep.run: the same compute_logits calls, on the same rows and in the same
+    order (prompt-logprob chunks, then the sampled rows), since each gathers logits on rank 0."""
+    if inputs.prompt_logprobs is not None:
+        rows = inputs.prompt_logprobs.rows
+        for start in range(0, len(rows), PROMPT_ROWS_PER_CHUNK):
+            model.compute_logits(hidden[rows[start:start + PROMPT_ROWS_PER_CHUNK]])
+    if len(inputs.sampled_slots):
+        model.compute_logits(hidden[inputs.sample_indices])

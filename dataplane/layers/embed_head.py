@@ -1,16 +1,19 @@
 """Token embedding and LM head, both split over the vocabulary for tensor parallelism.
 
+Each rank holds ceil(vocab / tp_size) rows; the last rank's tail past the vocabulary is
+zero padding (vLLM pads the same way), so any vocabulary splits over any TP size. The
+LM head gathers the ranks' logits on rank 0 alone, the only rank that samples; the
+other ranks get None and must make the same calls, since the gather is a collective.
 With tied embeddings the LM head shares the embedding's Parameter (see the model's
 CausalLM class), so a checkpoint loads it once.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dataplane.distributed import all_reduce, divide, get_tp_rank, get_tp_size
+from dataplane.distributed import all_reduce, gather_to_rank0, get_tp_rank, get_tp_size
 from dataplane.layers.linear import copy_weight
 
 
@@ -20,15 +23,22 @@ class VocabParallelEmbedding(nn.Module):
         self.tp_rank = get_tp_rank()
         self.tp_size = get_tp_size()
         self.num_embeddings = num_embeddings
-        self.num_embeddings_per_partition = divide(num_embeddings, self.tp_size)
-        self.vocab_start_idx = self.num_embeddings_per_partition * self.tp_rank
-        self.vocab_end_idx = self.vocab_start_idx + self.num_embeddings_per_partition
+        self.num_embeddings_per_partition = -(-num_embeddings // self.tp_size)
+        self.vocab_start_idx = min(self.num_embeddings_per_partition * self.tp_rank, num_embeddings)
+        self.vocab_end_idx = min(self.vocab_start_idx + self.num_embeddings_per_partition, num_embeddings)
         self.weight = nn.Parameter(torch.empty(self.num_embeddings_per_partition, embedding_dim), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        shard_size = param.data.size(0)
-        copy_weight(param.data, loaded_weight.narrow(0, self.tp_rank * shard_size, shard_size))
+        if loaded_weight.shape[0] != self.num_embeddings:
+            raise ValueError(f"weight shape mismatch: checkpoint has {tuple(loaded_weight.shape)}, the model "
+                             f"expects ({self.num_embeddings}, {param.shape[1]})")
+        rows = self.vocab_end_idx - self.vocab_start_idx
+        copy_weight(param.data[:rows], loaded_weight.narrow(0, self.vocab_start_idx, rows))
+        param.data[rows:].zero_()
+
+    def checkpoint_shapes(self, param: nn.Parameter) -> list[tuple[object, tuple[int, ...]]]:
+        return [(None, (self.num_embeddings, param.shape[1]))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -39,11 +49,12 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab], the full vocabulary on every rank."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, hidden] -> logits [N, vocab] on rank 0; None on the other ranks."""
         logits = F.linear(x, self.weight)
-        if self.tp_size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-            dist.all_gather(parts, logits)
-            logits = torch.cat(parts, dim=-1)
-        return logits
+        if self.tp_size == 1:
+            return logits
+        parts = gather_to_rank0(logits.contiguous())
+        if parts is None:
+            return None
+        return torch.cat(parts, dim=-1)[:, :self.num_embeddings]

@@ -4,6 +4,10 @@ Column-parallel layers split the output features over ranks; row-parallel layers
 the input features and sum the partial outputs (all-reduce). Merged and QKV layers hold
 several checkpoint tensors side by side; their `weight_loader` takes a shard id saying
 which one it is given, so the loader can stay one loop over checkpoint keys.
+`checkpoint_shapes(param)` lists the whole checkpoint tensors (shard id, shape) a
+parameter loads from, so random weights can be made once for every TP size (loader.py).
+When a model has fewer KV heads than ranks, each KV head is replicated on
+tp_size / num_kv_heads ranks (as vLLM does).
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataplane.distributed import all_reduce, divide, get_tp_rank, get_tp_size
+from dataplane.distributed import all_reduce, divide, get_tp_rank, get_tp_size, local_num_kv_heads
 
 
 def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -37,6 +41,13 @@ class LinearBase(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def checkpoint_shapes(self, param: nn.Parameter) -> list[tuple[object, tuple[int, ...]]]:
+        """(shard id or None, shape) of each whole checkpoint tensor that param loads a part of."""
+        shape = list(param.shape)
+        if self.tp_dim is not None and self.tp_dim < param.dim():
+            shape[self.tp_dim] *= self.tp_size
+        return [(None, tuple(shape))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -69,6 +80,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         dst = param.data.narrow(0, shard_offset, shard_size)
         copy_weight(dst, loaded_weight.narrow(0, self.tp_rank * shard_size, shard_size))
 
+    def checkpoint_shapes(self, param: nn.Parameter) -> list[tuple[object, tuple[int, ...]]]:
+        return [(i, (size, *param.shape[1:])) for i, size in enumerate(self.output_sizes)]
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Q, K and V projections in one matmul; each rank holds its heads of all three."""
@@ -78,9 +92,14 @@ class QKVParallelLinear(ColumnParallelLinear):
         total_num_kv_heads = total_num_kv_heads or total_num_heads
         tp_size = get_tp_size()
         self.head_size = head_size
+        self.total_num_heads = total_num_heads
+        self.total_num_kv_heads = total_num_kv_heads
         self.num_heads = divide(total_num_heads, tp_size)
-        self.num_kv_heads = divide(total_num_kv_heads, tp_size)
-        super().__init__(hidden_size, (total_num_heads + 2 * total_num_kv_heads) * head_size, bias)
+        self.num_kv_heads = local_num_kv_heads(total_num_kv_heads, tp_size)
+        # ranks sharing one replicated KV head load the same rows
+        replicas = max(1, tp_size // total_num_kv_heads)
+        self.kv_shard_index = get_tp_rank() // replicas
+        super().__init__(hidden_size, (self.num_heads + 2 * self.num_kv_heads) * head_size * tp_size, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, loaded_shard_id: str) -> None:
         q_size = self.num_heads * self.head_size
@@ -89,8 +108,13 @@ class QKVParallelLinear(ColumnParallelLinear):
         if loaded_shard_id not in offsets:
             raise ValueError(f"QKV shard id must be 'q', 'k' or 'v', got {loaded_shard_id!r}")
         shard_offset, shard_size = offsets[loaded_shard_id]
+        shard_index = self.tp_rank if loaded_shard_id == "q" else self.kv_shard_index
         dst = param.data.narrow(0, shard_offset, shard_size)
-        copy_weight(dst, loaded_weight.narrow(0, self.tp_rank * shard_size, shard_size))
+        copy_weight(dst, loaded_weight.narrow(0, shard_index * shard_size, shard_size))
+
+    def checkpoint_shapes(self, param: nn.Parameter) -> list[tuple[object, tuple[int, ...]]]:
+        heads = {"q": self.total_num_heads, "k": self.total_num_kv_heads, "v": self.total_num_kv_heads}
+        return [(sid, (n * self.head_size, *param.shape[1:])) for sid, n in heads.items()]
 
 
 class RowParallelLinear(LinearBase):
@@ -103,6 +127,11 @@ class RowParallelLinear(LinearBase):
             return
         shard_size = param.data.size(1)
         copy_weight(param.data, loaded_weight.narrow(1, self.tp_rank * shard_size, shard_size))
+
+    def checkpoint_shapes(self, param: nn.Parameter) -> list[tuple[object, tuple[int, ...]]]:
+        if param.dim() == 1:
+            return [(None, tuple(param.shape))]
+        return [(None, (param.shape[0], param.shape[1] * self.tp_size))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)

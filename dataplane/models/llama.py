@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dataplane.distributed import divide, get_tp_size
+from dataplane.distributed import divide, get_tp_size, local_num_kv_heads
 from dataplane.layers.activation import SiluAndMul
 from dataplane.layers.attention import Attention
 from dataplane.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
@@ -26,7 +26,7 @@ class LlamaAttention(nn.Module):
         tp_size = get_tp_size()
         self.head_dim = config.head_dim
         self.num_heads = divide(config.num_attention_heads, tp_size)
-        self.num_kv_heads = divide(config.num_key_value_heads, tp_size)
+        self.num_kv_heads = local_num_kv_heads(config.num_key_value_heads, tp_size)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
@@ -125,6 +125,7 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T] -> hidden [T, hidden]; attention reads dataplane.context."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> float32 logits [N, vocab]."""
-        return self.lm_head(hidden_states).float()
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, hidden] -> float32 logits [N, vocab] on tensor-parallel rank 0, None on the others."""
+        logits = self.lm_head(hidden_states)
+        return None if logits is None else logits.float()
