@@ -26,7 +26,12 @@ class DeadlineExceededError(NanoplaneError, TimeoutError):
 
 
 class ResourceExhaustedError(NanoplaneError):
-    """The server is overloaded; retry later."""
+    """The server is overloaded (retry after `retry_after_s`, its hint), or a message was larger than
+    the server or client accepts (`retry_after_s` None: retrying the same call will not help)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None):
+        super().__init__(code, message)
+        self.retry_after_s = retry_after_s
 
 
 class CancelledError(NanoplaneError):
@@ -42,6 +47,22 @@ _BY_CODE = {
 }
 
 
+RETRY_AFTER_METADATA = "retry-after-ms"
+
+
+def _retry_after_s(error: grpc.RpcError) -> float | None:
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == RETRY_AFTER_METADATA:
+            try:
+                return int(value) / 1000
+            except ValueError:
+                return None
+    return None
+
+
 def from_rpc_error(error: grpc.RpcError) -> NanoplaneError:
     code, details = error.code(), error.details() or ""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhaustedError(code, details, _retry_after_s(error))
     return _BY_CODE.get(code, NanoplaneError)(code, details)

@@ -83,6 +83,8 @@ class GenerationDelta:
     index: int = 0  # which of the request's n samples
     logprobs: list[PositionLogprobs] = field(default_factory=list)  # one per token id, when asked for
     prompt_logprobs: list[PositionLogprobs] = field(default_factory=list)  # prompt tokens after the first
+    # the first delta of a new attempt after UNAVAILABLE cut the call off (retry_partial): discard earlier deltas
+    restarted: bool = False
 
 
 @dataclass
@@ -97,6 +99,8 @@ class GenerationResult:
     prompt_logprobs: list[PositionLogprobs] = field(default_factory=list)
 
     def add(self, delta: GenerationDelta) -> None:
+        if delta.restarted:
+            self.__init__()
         self.request_id, self.index = delta.request_id, delta.index
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
@@ -110,6 +114,8 @@ def results_by_index(deltas) -> list[GenerationResult]:
     """Folds the deltas of a request of n samples into one result per sample, by index."""
     results: dict[int, GenerationResult] = {}
     for delta in deltas:
+        if delta.restarted:
+            results.clear()
         results.setdefault(delta.index, GenerationResult()).add(delta)
     return [results[i] for i in sorted(results)]
 

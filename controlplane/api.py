@@ -1,7 +1,8 @@
 """The public nanoplane.v1.Generation servicer: validate, convert, hand to the Engine, stream back.
 
-Thin on purpose: the rules live in validation.py, the work in engine.py; this
-module only maps between protobuf and those plain objects, and errors to status codes.
+Thin on purpose: the rules live in validation.py, the bounds in admission.py, the work
+in engine.py; this module only maps between protobuf and those plain objects, and
+errors to status codes.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import asyncio
 import grpc
 import structlog
 
+from controlplane.admission import RETRY_AFTER_METADATA, AdmissionControl, Overloaded
 from controlplane.engine import Engine, EngineFailure, OutputStream, RequestOutput
 from controlplane.logprobs import PositionLogprobs
 from controlplane.tokenizer import Tokenizer
@@ -40,31 +42,41 @@ def response_of(output: RequestOutput) -> generation_pb2.GenerateResponse:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: RequestLimits, model_info: generation_pb2.ModelInfo):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: RequestLimits, model_info: generation_pb2.ModelInfo,
+                 admission: AdmissionControl):
         self.engine = engine
         self.tokenizer = tokenizer
         self.limits = limits
         self.model_info = model_info
+        self.admission = admission
 
     async def Generate(self, request, context):
         try:
             validated = validate_generate(request, self.tokenizer, self.limits)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        sampling = validated.sampling
+        num_tokens = len(validated.prompt_token_ids) + sampling.max_tokens * sampling.n
+        try:
+            self.admission.admit(num_tokens)
+        except Overloaded as e:
+            log.warning("request refused: overloaded", reason=str(e))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
+                                trailing_metadata=((RETRY_AFTER_METADATA, str(e.retry_after_ms)),))
         request_id = request.request_id or self.engine.new_request_id()
         structlog.contextvars.bind_contextvars(request_id=request_id)  # on every log line of this call (its own task)
-        stream = OutputStream(asyncio.get_running_loop())
-        self.engine.submit(request_id, validated.prompt_token_ids, validated.sampling, stream)
-        log.info("request accepted", request_id=request_id, prompt_tokens=len(validated.prompt_token_ids),
-                 max_tokens=validated.sampling.max_tokens)
         finished = False
-        num_unfinished = validated.sampling.n  # each sample ends with its own finish_reason
+        num_unfinished = sampling.n  # each sample ends with its own finish_reason
         try:
+            stream = OutputStream(asyncio.get_running_loop())
+            self.engine.submit(request_id, validated.prompt_token_ids, sampling, stream)
+            log.info("request accepted", request_id=request_id, prompt_tokens=len(validated.prompt_token_ids),
+                     max_tokens=sampling.max_tokens)
             while True:
                 output = await stream.get()
                 if isinstance(output, EngineFailure):
                     finished = True
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, output.message)
+                    await context.abort(grpc.StatusCode[output.code], output.message)
                 yield response_of(output)
                 if output.finish_reason is not None:
                     num_unfinished -= 1
@@ -75,6 +87,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         finished = True
                         return
         finally:
+            self.admission.release(num_tokens)
             if not finished:  # cancelled by the client, or its deadline passed
                 self.engine.abort(request_id)
                 log.info("request cancelled", request_id=request_id)

@@ -52,6 +52,19 @@ class BlockManager:
         # a prefix-cache hit takes a free block out of the middle, O(1) here.
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
 
+    def reset(self, num_blocks: int | None = None) -> None:
+        """Forgets every block's contents, the prefix cache with them, and takes num_blocks as the new pool size.
+
+        For a data plane that lost its KV cache (a new Step stream, maybe a new process):
+        a cached hash would point at KV that is gone. Only valid with no block in use.
+        """
+        in_use = self.num_blocks - len(self.free_block_ids)
+        assert in_use == 0, f"reset with {in_use} blocks still in use"
+        self.num_blocks = num_blocks or self.num_blocks
+        self.blocks = [Block(i) for i in range(self.num_blocks)]
+        self.hash_to_block_id.clear()
+        self.free_block_ids = OrderedDict.fromkeys(range(self.num_blocks))
+
     @property
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)

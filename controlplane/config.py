@@ -17,6 +17,10 @@ class ControlPlaneConfig:
     dataplane_connect_timeout_s: float = 60.0
     max_logprobs: int = 20
     max_n: int = 16
+    # reliability (docs/reliability.md)
+    dataplane_reconnect_timeout_s: float = 60.0
+    max_waiting_requests: int = 1024
+    max_pending_tokens: int = 4 * 2**20
     # running it like production (docs/operations.md)
     tls_cert: str = ""
     tls_key: str = ""
@@ -46,6 +50,12 @@ class ControlPlaneConfig:
             problems.append(f"--max-logprobs must be >= 0, got {self.max_logprobs}")
         if self.max_n < 1:
             problems.append(f"--max-n must be >= 1, got {self.max_n}")
+        if self.dataplane_reconnect_timeout_s < 0:
+            problems.append("--dataplane-reconnect-timeout-s must not be negative")
+        if self.max_waiting_requests < 1:
+            problems.append(f"--max-waiting-requests must be >= 1, got {self.max_waiting_requests}")
+        if self.max_pending_tokens < 1:
+            problems.append(f"--max-pending-tokens must be >= 1, got {self.max_pending_tokens}")
         from controlplane.security import config_problems  # imports grpc, which config users need anyway
         problems += config_problems(self)
         if problems:
@@ -66,6 +76,11 @@ HELP = {
     "dataplane_connect_timeout_s": "how long to wait for the data plane at start-up",
     "max_logprobs": "most top logprobs a request may ask for per token (sampling.logprobs, prompt_logprobs)",
     "max_n": "most parallel samples a request may ask for (sampling.n)",
+    "dataplane_reconnect_timeout_s": "when the data plane is lost, how long requests in flight wait for it to come "
+                                     "back (they are recomputed then) before they fail with UNAVAILABLE",
+    "max_waiting_requests": "most requests waiting for a batch slot; more get RESOURCE_EXHAUSTED at once",
+    "max_pending_tokens": "most tokens (prompt + max_tokens × n) of all unfinished requests; more get "
+                          "RESOURCE_EXHAUSTED at once",
     "tls_cert": "PEM certificate (chain) of the public API; with --tls-key, clients must use TLS",
     "tls_key": "PEM private key of --tls-cert",
     "auth_token_file": "file of bearer tokens, one per line, that the public API accepts "

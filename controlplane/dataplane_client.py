@@ -58,6 +58,14 @@ class DataPlaneClient:
                                                f"{e.code().name}: {details}{hint}") from e
                 time.sleep(0.2)
 
+    def describe_once(self, timeout_s: float) -> dataplane_pb2.DataPlaneInfo:
+        """One Describe call: the data plane's facts, or DataPlaneUnavailable at once (for the reconnect loop)."""
+        try:
+            return self.stub.Describe(dataplane_pb2.DescribeRequest(), timeout=timeout_s)
+        except grpc.RpcError as e:
+            details = e.details() or ""
+            raise DataPlaneUnavailable(f"{e.code().name}: {details}{tls_hint(details) if self.tls else ''}") from e
+
     def open_stream(self) -> None:
         self.close_stream()
         self._plans = queue.Queue()

@@ -6,6 +6,11 @@ stop strings, stream deltas to each request's OutputStream. Only this thread tou
 the scheduler and sequences; the gRPC servicer talks to it through submit()/abort().
 A request of n samples is n Sequences (the Scheduler's `leader` makes them share the
 prompt's KV blocks) and one stream; each delta says which sample it belongs to.
+
+When the step stream breaks, nothing is failed: the scheduler re-queues every sequence
+for recompute (`Scheduler.reset_dataplane`), and the loop reconnects through
+`reconnect.DataPlaneReconnector` while it goes on taking requests and aborts; clients see
+a pause. Only past the reconnect timeout do the requests held fail, with UNAVAILABLE.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from controlplane.dataplane_client import DataPlaneClient, DataPlaneUnavailable
 from controlplane.detokenizer import IncrementalDetokenizer
 from controlplane.engine_observer import EngineObserver
 from controlplane.logprobs import PositionLogprobs, prompt_logprobs, sampled_logprobs
+from controlplane.reconnect import DataPlaneReconnector
 from controlplane.scheduler import Scheduler
 from controlplane.sequence import FinishReason, SamplingOptions, Sequence, new_samples
 from controlplane.tokenizer import Tokenizer
@@ -55,6 +61,7 @@ class EngineFailure:
     """Delivered instead of a RequestOutput when the request cannot go on."""
 
     message: str
+    code: str = "UNAVAILABLE"  # the name of the grpc.StatusCode the API answers with
 
 
 class OutputStream:
@@ -96,10 +103,13 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, dataplane: DataPlaneClient):
+    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, dataplane: DataPlaneClient,
+                 reconnector: DataPlaneReconnector):
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.dataplane = dataplane
+        self.reconnector = reconnector
+        self.num_running_requests = 0  # requests with a sample in a batch slot; read by admission control
         self._inbox: queue.Queue = queue.Queue()
         self._wakeup = threading.Event()
         self._requests: dict[str, _Request] = {}
@@ -118,6 +128,10 @@ class Engine:
         self._wakeup.set()
         self._thread.join(timeout_s)
         self.dataplane.close_stream()
+
+    @property
+    def dataplane_connected(self) -> bool:
+        return self.reconnector.connected
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}-{time.time_ns() % 10**9:09d}"
@@ -146,7 +160,10 @@ class Engine:
             if item[0] == "add":
                 _, request_id, prompt_ids, sampling, stream = item
                 if request_id in self._requests:
-                    stream.put(EngineFailure(f"request id {request_id!r} is already in use"))
+                    stream.put(EngineFailure(f"request id {request_id!r} is already in use", "ALREADY_EXISTS"))
+                    continue
+                if self.reconnector.failing_fast:
+                    stream.put(EngineFailure(self.reconnector.unavailable_message()))
                     continue
                 request = self._new_request(request_id, prompt_ids, sampling, stream)
                 self._requests[request_id] = request
@@ -170,19 +187,47 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._drain_inbox()
+            if not self.reconnector.connected:
+                self._reconnect()
+                continue
             if not self.scheduler.has_unfinished():
                 self._wakeup.wait(0.5)
                 self._wakeup.clear()
                 continue
             try:
                 self.step()
+                self.reconnector.progressed()
             except DataPlaneUnavailable as e:
-                self.observer.dataplane_lost(str(e))
-                self._fail_all(str(e))
-                time.sleep(0.5)
+                self._dataplane_lost(str(e))
             except Exception as e:  # a bug must not leave clients hanging
                 log.exception("engine step failed")
-                self._fail_all(f"internal error in the control plane: {e}")
+                self._fail_all(f"internal error in the control plane: {e}", "INTERNAL")
+
+    def _dataplane_lost(self, reason: str) -> None:
+        """Keeps every request: the data plane forgot its batch and KV, so all of it is recomputed later."""
+        self.dataplane.close_stream()
+        self.scheduler.reset_dataplane()
+        self.num_running_requests = 0
+        self.reconnector.lost(reason)
+        self.observer.dataplane_lost(reason)
+        log.warning("data plane lost: holding the requests and reconnecting", reason=reason,
+                    num_requests=len(self._requests), timeout_s=self.reconnector.timeout_s)
+
+    def _reconnect(self) -> None:
+        """One pass of the loop while the data plane is away: give up on the requests past the timeout,
+        else try to reconnect when the backoff says so, else wait (new requests and aborts wake it)."""
+        if self._requests and self.reconnector.should_give_up():
+            self._fail_all(self.reconnector.give_up_message())
+            self.reconnector.gave_up()
+        info = self.reconnector.attempt()
+        if info is None:
+            self._wakeup.wait(min(self.reconnector.seconds_to_next_attempt(), 0.5))
+            self._wakeup.clear()
+            return
+        self.scheduler.reset_dataplane(info.num_kv_blocks, info.max_num_seqs, info.max_num_batched_tokens)
+        self.observer.dataplane_reconnected()
+        if not self.scheduler.has_unfinished():
+            self.reconnector.progressed()  # nothing to prove the new stream with: the outage is over
 
     def step(self) -> None:
         plan = self.scheduler.schedule()
@@ -200,6 +245,7 @@ class Engine:
                 request.prompt_logprobs += entries
         token_logprobs = sampled_logprobs(result, [self.scheduler.seq_at_slot(s) for s in result.slots.tolist()]
                                           if len(result.logprob_rows) else [])
+        self.num_running_requests = len({s.request_id for s in self.scheduler.running})
         new_tokens: dict[Sequence, list[int]] = {}
         for seq, token in self.scheduler.postprocess(plan, result):
             new_tokens.setdefault(seq, []).append(token)
@@ -250,11 +296,13 @@ class Engine:
     def _usage(self, seq: Sequence) -> Usage:
         return Usage(seq.num_prompt_tokens, seq.num_completion_tokens, seq.num_cached_prompt_tokens)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, code: str = "UNAVAILABLE") -> None:
         log.error("failing all requests", reason=message, num_requests=len(self._requests))
         for request_id, request in list(self._requests.items()):
             self._abort_samples(request)
-            request.stream.put(EngineFailure(message))
+            request.stream.put(EngineFailure(message, code))
             self.observer.request_dropped(request_id, "error")
         self._requests.clear()
         self.dataplane.close_stream()
+        self.scheduler.reset_dataplane()  # the next stream starts from an empty batch: no drops to announce
+        self.num_running_requests = 0

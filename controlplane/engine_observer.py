@@ -28,4 +28,7 @@ class EngineObserver:
         """A request ended without a last output: "abort" (its caller went away) or "error"."""
 
     def dataplane_lost(self, message: str) -> None:
-        """The step stream to the data plane broke; every request in flight failed."""
+        """The step stream to the data plane broke; the requests in flight wait for a reconnect."""
+
+    def dataplane_reconnected(self) -> None:
+        """A compatible data plane answered and a new step stream is open; held requests are recomputed."""

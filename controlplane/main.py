@@ -12,13 +12,16 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from controlplane.admission import AdmissionControl
 from controlplane.api import GenerationServicer
 from controlplane.auth import BearerTokenAuth, load_tokens
 from controlplane.config import ENV_PREFIX, HELP, ControlPlaneConfig
 from controlplane.dataplane_client import DataPlaneClient, DataPlaneUnavailable
 from controlplane.engine import Engine
-from controlplane.metrics import Gauge, MetricsServer, Registry
+from controlplane.metrics import CounterReader, Gauge, MetricsServer, Registry
 from controlplane.readiness import Readiness
+from controlplane.reconnect import DataPlaneReconnector
+from controlplane.request_decoding import RequestDecodingInterceptor
 from controlplane.scheduler import Scheduler, SchedulerConfig
 from controlplane.security import (dataplane_channel_credentials, dataplane_channel_options,
                                    public_server_credentials, public_server_options)
@@ -63,7 +66,8 @@ def build_engine(config: ControlPlaneConfig):
         attention_backend=info.attention_backend, max_num_seqs=info.max_num_seqs)
     log.info("connected to data plane", dataplane=config.dataplane, model=model_info.model_name,
              num_kv_blocks=info.num_kv_blocks, block_size=info.block_size, device=info.device)
-    return Engine(scheduler, tokenizer, dataplane), tokenizer, limits, model_info
+    reconnector = DataPlaneReconnector(dataplane, info, config.dataplane_reconnect_timeout_s)
+    return Engine(scheduler, tokenizer, dataplane, reconnector), tokenizer, limits, model_info
 
 
 @dataclass
@@ -114,20 +118,29 @@ async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane
     engine, tokenizer, limits, model_info = build_engine(config)
     tokens = load_tokens(config.auth_token_file)
     drain = DrainInterceptor()
-    server = grpc.aio.server(interceptors=[BearerTokenAuth(tokens), drain] if tokens else [drain],
-                             options=public_server_options(config))
+    # request decoding outermost: it must see every handler, a refusing one too
+    interceptors = [RequestDecodingInterceptor(), *([BearerTokenAuth(tokens)] if tokens else []), drain]
+    server = grpc.aio.server(interceptors=interceptors, options=public_server_options(config))
+    admission = AdmissionControl(config.max_waiting_requests, config.max_pending_tokens,
+                                 lambda: engine.num_running_requests)
     generation_pb2_grpc.add_GenerationServicer_to_server(
-        GenerationServicer(engine, tokenizer, limits, model_info), server)
+        GenerationServicer(engine, tokenizer, limits, model_info, admission), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = listen(server, f"{config.host}:{config.port}", public_server_credentials(config))
 
-    readiness = Readiness(health_servicer, ("", SERVICE_NAME), engine.dataplane.channel, config.dataplane)
+    readiness = Readiness(health_servicer, ("", SERVICE_NAME), engine.dataplane.channel, config.dataplane,
+                          engine_connected=lambda: engine.dataplane_connected)
     registry = Registry({"model_name": model_info.model_name})
-    engine.observer = EngineTelemetry(engine.scheduler, registry, readiness.dataplane_lost)
+    engine.observer = EngineTelemetry(engine.scheduler, registry, readiness.dataplane_lost, readiness.dataplane_back)
     registry.add(Gauge("nanoplane:dataplane_connected", "1 while the data plane answers, else 0.",
                        lambda: float(readiness.dataplane_ok)))
+    registry.add(CounterReader("nanoplane:requests_rejected_total",
+                               "Requests refused with RESOURCE_EXHAUSTED by admission control.",
+                               lambda: admission.num_rejected))
+    registry.add(Gauge("nanoplane:pending_tokens", "Prompt + max_tokens × n of the unfinished requests.",
+                       lambda: admission.num_pending_tokens))
     running = RunningControlPlane(server, engine, health_servicer, port, model_info, readiness, drain, registry)
     if config.metrics_port:
         running.metrics = MetricsServer(registry, config.host, config.metrics_port).start()

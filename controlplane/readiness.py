@@ -1,13 +1,16 @@
 """The control plane's grpc.health.v1 status: SERVING while its data plane answers and no shutdown has begun.
 
 Two sources move it. The Engine reports at once when the step stream breaks
-(`dataplane_lost`, from the engine thread). A watcher asks the data plane's own health
-service every `interval_s`, which notices a data plane that died while the engine was
-idle, and sees it come back (the engine reopens its stream on the next step).
+(`dataplane_lost`, from the engine thread) and when it has reconnected (`dataplane_back`).
+A watcher asks the data plane's own health service every `interval_s`, which notices a
+data plane that died while the engine was idle, and sees it come back (the engine
+reopens its stream on the next step); while the engine is still reconnecting (or
+refuses the data plane that answers as incompatible), the watcher keeps NOT_SERVING.
 """
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 import grpc
 import structlog
@@ -21,7 +24,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 class Readiness:
     def __init__(self, health_servicer: health.aio.HealthServicer, services: tuple[str, ...],
-                 dataplane_channel: grpc.Channel, dataplane_target: str):
+                 dataplane_channel: grpc.Channel, dataplane_target: str,
+                 engine_connected: Callable[[], bool] = lambda: True):
+        self._engine_connected = engine_connected
         self._health = health_servicer
         self._services = services
         self._probe = health_pb2_grpc.HealthStub(dataplane_channel)
@@ -47,6 +52,11 @@ class Readiness:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._mark_lost, message)
 
+    def dataplane_back(self) -> None:
+        """Thread-safe; the Engine calls it once a compatible data plane answered and a new stream is open."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._mark_back)
+
     async def drain(self) -> None:
         """Shutdown began: NOT_SERVING from now on, so load balancers send new calls elsewhere."""
         self.draining = True
@@ -62,6 +72,12 @@ class Readiness:
         if self.dataplane_ok:
             log.error("data plane lost: not serving until it answers again", dataplane=self._target, reason=message)
             self.dataplane_ok = False
+            asyncio.create_task(self._publish())
+
+    def _mark_back(self) -> None:
+        if not self.dataplane_ok:
+            log.info("data plane answers again: serving", dataplane=self._target)
+            self.dataplane_ok = True
             asyncio.create_task(self._publish())
 
     async def _publish(self) -> None:
@@ -82,7 +98,7 @@ class Readiness:
         while True:
             await asyncio.sleep(interval_s)
             losses = self._losses
-            ok = await asyncio.to_thread(self._dataplane_answers, max(interval_s, 1.0))
+            ok = await asyncio.to_thread(self._dataplane_answers, max(interval_s, 1.0)) and self._engine_connected()
             if ok == self.dataplane_ok or (ok and losses != self._losses):
                 continue
             self.dataplane_ok = ok

@@ -56,6 +56,10 @@ class SlotTable:
     """The data plane's batch slots: who sits where, and which releases the next plan must announce."""
 
     def __init__(self, num_slots: int):
+        self.reset(num_slots)
+
+    def reset(self, num_slots: int) -> None:
+        """All slots empty and nothing to announce: a new data-plane stream starts from an empty batch."""
         self.seqs: list[Sequence | None] = [None] * num_slots
         self.free = list(range(num_slots))  # a heap: lowest slot first keeps the batch compact
         self.pending_drops: list[int] = []
@@ -133,6 +137,30 @@ class Scheduler:
             self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+    def reset_dataplane(self, num_blocks: int | None = None, max_num_seqs: int | None = None,
+                        max_num_batched_tokens: int | None = None) -> None:
+        """The data plane lost its batch and KV cache (its Step stream broke): every running
+        sequence is preempted by recompute and waits again, with every other waiting one, in
+        admission order; the prefix cache is emptied (its blocks' KV is gone). The tokens stay:
+        re-prefilling them gives the data plane back what it held. Capacities may change
+        with a new data plane (the caller checked they still honour what was promised)."""
+        for seq in self.running:
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.WAITING
+            seq.num_computed_tokens = 0
+            seq.num_preemptions += 1  # so admission keeps its first prefix-cache hit for usage
+            seq.slot = None
+            seq.num_blocks_sent = 0
+            seq.last_token_on_device = False
+        self.waiting = deque(sorted([*self.running, *self.waiting], key=lambda s: s.arrival))
+        self.running = []
+        cfg = self.config
+        cfg.num_blocks = num_blocks or cfg.num_blocks
+        cfg.max_num_seqs = max_num_seqs or cfg.max_num_seqs
+        cfg.max_num_batched_tokens = max_num_batched_tokens or cfg.max_num_batched_tokens
+        self.slots.reset(cfg.max_num_seqs)
+        self.block_manager.reset(cfg.num_blocks)
 
     def schedule(self) -> StepPlan | None:
         """Plans one step; None when nothing can run (pending drops then ride on the next plan)."""

@@ -50,10 +50,12 @@ class _Timing:
 
 class EngineTelemetry(EngineObserver):
     def __init__(self, scheduler: Scheduler, registry: Registry,
-                 on_dataplane_lost: Callable[[str], None] = lambda message: None):
+                 on_dataplane_lost: Callable[[str], None] = lambda message: None,
+                 on_dataplane_back: Callable[[], None] = lambda: None):
         self.scheduler = scheduler
         self.registry = registry
         self._on_dataplane_lost = on_dataplane_lost
+        self._on_dataplane_back = on_dataplane_back
         self._timings: dict[str, _Timing] = {}
         # (request id, sample) each data-plane slot holds, as the data plane knows it
         self._slot_owner: dict[int, tuple[str, int]] = {}
@@ -77,7 +79,12 @@ class EngineTelemetry(EngineObserver):
         self.request_success = r.add(Counter("nanoplane:request_success_total",
                                              "Requests finished, by finish reason.", ("finished_reason",)))
         self.request_failure = r.add(Counter("nanoplane:request_failure_total",
-                                             "Requests failed by an error (the data plane lost, an internal error)."))
+                                             "Requests failed by an error (the data plane away past the "
+                                             "reconnect timeout, an internal error)."))
+        self.dataplane_losses = r.add(Counter("nanoplane:dataplane_losses_total",
+                                              "Times the step stream to the data plane broke."))
+        self.dataplane_reconnects = r.add(Counter("nanoplane:dataplane_reconnects_total",
+                                                  "Times a new step stream was opened after a loss."))
         self.ttft = r.add(Histogram("nanoplane:time_to_first_token_seconds",
                                     "Time from arrival to the first generated token.", TTFT_BUCKETS))
         self.tpot = r.add(Histogram("nanoplane:time_per_output_token_seconds",
@@ -152,4 +159,9 @@ class EngineTelemetry(EngineObserver):
     def dataplane_lost(self, message: str) -> None:
         # the data plane forgets its whole batch with the stream; a new stream starts from empty slots
         self._slot_owner.clear()
+        self.dataplane_losses.inc()
         self._on_dataplane_lost(message)
+
+    def dataplane_reconnected(self) -> None:
+        self.dataplane_reconnects.inc()
+        self._on_dataplane_back()

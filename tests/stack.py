@@ -21,33 +21,28 @@ from client import Client
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class InProcessStack:
-    """control_plane_options: ControlPlaneConfig fields; dataplane_credentials: the data plane server's TLS
-    (grpc.ServerCredentials); client_options: Client keywords (token, tls_ca)."""
+class InProcessControlPlane:
+    """The control plane in this process, against the data plane at dataplane_target (so tests can read its
+    scheduler's block counts); control_plane_options: ControlPlaneConfig fields; client_options: Client keywords."""
 
-    def __init__(self, model: str, control_plane_options: dict | None = None, dataplane_credentials=None,
-                 client_options: dict | None = None, **dataplane_options):
+    def __init__(self, dataplane_target: str, tokenizer: str, control_plane_options: dict | None = None,
+                 client_options: dict | None = None):
         from controlplane.config import ControlPlaneConfig
         from controlplane.main import start_control_plane
-        from dataplane.config import DataPlaneConfig
-        from dataplane.runner import ModelRunner
-        from dataplane.server import build_server, set_serving
-
-        options = {"device": "cpu", "num_threads": 2, **dataplane_options}
-        self.runner = ModelRunner(DataPlaneConfig(model=model, port=0, **options))
-        self.dp_server, self.dp_port, health = build_server(self.runner, "127.0.0.1", 0, dataplane_credentials)
-        self.dp_server.start()
-        set_serving(health, True)
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        config = ControlPlaneConfig(port=0, dataplane=f"127.0.0.1:{self.dp_port}", tokenizer=model,
+        config = ControlPlaneConfig(port=0, dataplane=dataplane_target, tokenizer=tokenizer,
                                     **(control_plane_options or {}))
         config.validate()
         self.control_plane = asyncio.run_coroutine_threadsafe(start_control_plane(config), self.loop).result(120)
         self.target = f"127.0.0.1:{self.control_plane.port}"
         self.client = Client(self.target, timeout_s=120, **(client_options or {}))
+
+    @property
+    def engine(self):
+        return self.control_plane.engine
 
     @property
     def scheduler(self):
@@ -70,7 +65,63 @@ class InProcessStack:
         asyncio.run_coroutine_threadsafe(self.control_plane.stop(grace_s=1), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+class InProcessStack(InProcessControlPlane):
+    """Both planes in this process. dataplane_credentials: the data plane server's TLS (grpc.ServerCredentials)."""
+
+    def __init__(self, model: str, control_plane_options: dict | None = None, dataplane_credentials=None,
+                 client_options: dict | None = None, **dataplane_options):
+        from dataplane.config import DataPlaneConfig
+        from dataplane.runner import ModelRunner
+        from dataplane.server import build_server, set_serving
+
+        options = {"device": "cpu", "num_threads": 2, **dataplane_options}
+        self.runner = ModelRunner(DataPlaneConfig(model=model, port=0, **options))
+        self.dp_server, self.dp_port, health = build_server(self.runner, "127.0.0.1", 0, dataplane_credentials)
+        self.dp_server.start()
+        set_serving(health, True)
+        super().__init__(f"127.0.0.1:{self.dp_port}", model, control_plane_options, client_options)
+
+    def close(self) -> None:
+        super().close()
         self.dp_server.stop(0)
+
+
+class DataPlaneProcess:
+    """`nanoplane dataplane` as a child process on a fixed port, to kill -9 and start again on the same port."""
+
+    def __init__(self, model: str, log_path: Path, *args: str, port: int = 0):
+        self.model, self.log_path, self.args = model, log_path, args
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self, *extra_args: str, timeout_s: float = 120) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "NANOPLANE_LOG_FORMAT": "console"}
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "controlplane.cli", "dataplane", "--model", self.model, "--port",
+                 str(self.port), "--device", "cpu", *self.args, *extra_args],
+                env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, self.proc, timeout_s)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye on its connections, as when the process is killed or its host dies."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 def free_port() -> int:

@@ -126,8 +126,8 @@ def test_bad_input_gets_clear_errors(llm, tiny_model_dir):
         llm.generate(["a", "b"], [SamplingParams(max_tokens=4), SamplingParams(max_tokens=0)], use_tqdm=False)
     assert llm.generate([], use_tqdm=False) == []
     model = str(tiny_model_dir("qwen3"))
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported"):
-        LLM(model, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="--tensor-parallel-size must be at least 1"):
+        LLM(model, tensor_parallel_size=0)
     with pytest.raises(TypeError, match="unknown engine option 'not_an_option'"):
         LLM(model, not_an_option=1)
     with pytest.raises(ValueError, match="not both"):
