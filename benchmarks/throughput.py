@@ -78,9 +78,12 @@ class LocalDataPlane:
     """The data plane without the process boundary: plans go straight to a ModelRunner."""
 
     def __init__(self, config):
-        from dataplane.runner import ModelRunner
+        from dataplane.tp_group import start_runner
 
-        self.runner = ModelRunner(config)
+        self.runner = start_runner(config)  # a ModelRunner, or rank 0's TensorParallelRunner
+
+    def close(self):
+        getattr(self.runner, "close", lambda: None)()
 
     def open_stream(self):
         self.runner.reset()
@@ -148,6 +151,8 @@ def dataplane_args(args, model_dir: str) -> list[str]:
         out.append("--enforce-eager")
     if args.attention_backend:
         out += ["--attention-backend", args.attention_backend]
+    if args.tensor_parallel_size > 1:
+        out += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     return out
 
 
@@ -162,6 +167,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--attention-backend", default=None)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="GPUs per data plane; the bound then counts the bandwidth of all of them")
     parser.add_argument("--json-out", default=None, help="also write the figures here as JSON")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile this many steps of the workload with torch.profiler instead of timing it")
@@ -206,22 +213,23 @@ def main() -> None:
             return
         num_tokens, seconds = run_engine(dataplane, info, prompts, max_tokens, 0.6)
     finally:
+        dataplane.close()
         if proc is not None:
-            dataplane.close()
             proc.terminate()
             proc.wait(30)
 
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bandwidth = copy_bandwidth(device)
+    bandwidth = copy_bandwidth(device) * args.tensor_parallel_size  # each GPU reads its shard
     h = QWEN3_0_6B
     weight_params = (h["vocab_size"] * h["hidden_size"] + h["num_hidden_layers"] * (
         h["hidden_size"] * (h["num_attention_heads"] + 2 * h["num_key_value_heads"]) * h["head_dim"]
         + h["num_attention_heads"] * h["head_dim"] * h["hidden_size"] + 3 * h["hidden_size"] * h["intermediate_size"]))
     bound = lower_bound_s(prompts, max_tokens, weight_params * 2, info["kv_bytes_per_token"], bandwidth)
     figures = {
-        "mode": "in-process" if args.in_process else "split (gRPC)", "device": torch.cuda.get_device_name()
+        "mode": "in-process" if args.in_process else "split (gRPC)", "tensor_parallel_size": args.tensor_parallel_size,
+        "device": torch.cuda.get_device_name()
         if device.type == "cuda" else "cpu", "output_tokens": num_tokens, "seconds": round(seconds, 3),
         "tok_per_s": round(num_tokens / seconds, 1), "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
         "lower_bound_s": round(bound, 3), "fraction_of_bound": round(bound / seconds, 3),

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dataplane.context import AttentionMetadata, forward_context
+from dataplane.distributed import call_before_destroy
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -65,6 +66,15 @@ class DecodeGraphs:
             pool = graph.pool() if pool is None else pool
             self.graphs[bs] = graph
         torch.cuda.synchronize()
+        call_before_destroy(self.release)
+
+    def release(self) -> None:
+        """Frees the captured graphs (at shutdown, before the process group goes); later steps would run eager."""
+        torch.cuda.synchronize()
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.use_graphs = False
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         return meta.is_decode_only and meta.num_seqs <= self.batch_sizes[-1]

@@ -8,10 +8,17 @@ starts the processes; each rank's device is `rank_device`.
 """
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
+from typing import Callable
 
+import structlog
 import torch
 import torch.distributed as dist
+
+log = structlog.get_logger("dataplane.distributed")
+
+DESTROY_TIMEOUT_S = 10.0
 
 
 def _initialised() -> bool:
@@ -94,7 +101,25 @@ def init_tensor_parallel(rank: int, world_size: int, device: torch.device, rende
                             **({"device_id": device} if device.type == "cuda" else {}))
 
 
+_before_destroy: list[Callable[[], None]] = []
+
+
+def call_before_destroy(release: Callable[[], None]) -> None:
+    """Registers what must go before the group: CUDA graphs that captured NCCL collectives hold the
+    communicator, and ncclCommDestroy then waits forever (pytorch/pytorch#115388)."""
+    _before_destroy.append(release)
+
+
 def destroy_tensor_parallel() -> None:
     # gloo aborts the process at exit when its group was never destroyed
-    if _initialised():
-        dist.destroy_process_group()
+    if not _initialised():
+        return
+    while _before_destroy:
+        _before_destroy.pop()()
+    # should a communicator still hang in its destructor, shutting down matters more than a tidy teardown
+    teardown = threading.Thread(target=dist.destroy_process_group, daemon=True, name="tp-destroy")
+    teardown.start()
+    teardown.join(DESTROY_TIMEOUT_S)
+    if teardown.is_alive():
+        log.warning("the tensor-parallel process group did not shut down in time; exiting without it",
+                    timeout_s=DESTROY_TIMEOUT_S)

@@ -35,15 +35,18 @@ def dataplane_flags(options: dict) -> list[str]:
     return [arg for name, value in options.items() for arg in ("--" + name.replace("_", "-"), str(value))]
 
 
-def start_dataplane(model: Path, tmp_path: Path, tp_size: int = 2) -> tuple[subprocess.Popen, int]:
+def start_dataplane(model: Path, tmp_path: Path, tp_size: int = 2, device: str = "cpu",
+                    options: dict = DATAPLANE_OPTIONS, *extra: str) -> tuple[subprocess.Popen, int]:
     ready = tmp_path / "port"
+    ready.unlink(missing_ok=True)
     stderr = open(tmp_path / "dataplane.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dataplane", "--model", str(model), "--device", "cpu", "--port", "0",
-         "--ready-file", str(ready), "--tensor-parallel-size", str(tp_size), *dataplane_flags(DATAPLANE_OPTIONS)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "NANOPLANE_LOG_FORMAT": "console"},
+        [sys.executable, "-m", "dataplane", "--model", str(model), "--device", device, "--port", "0",
+         "--ready-file", str(ready), "--tensor-parallel-size", str(tp_size), *dataplane_flags(options), *extra],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+             "NANOPLANE_LOG_FORMAT": "console"},
         stdout=stderr, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
@@ -58,7 +61,7 @@ def worker_pids(pid: int) -> list[int]:
     return [int(c) for c in children if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
-def generate(step, info, prompts: list[list[int]], max_tokens: int) -> list[tuple]:
+def generate(step, info, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], np.ndarray]:
     scheduler = Scheduler(SchedulerConfig(num_blocks=info.num_kv_blocks, block_size=info.block_size,
                                           max_num_seqs=info.max_num_seqs,
                                           max_num_batched_tokens=info.max_num_batched_tokens,
