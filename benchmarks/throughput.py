@@ -92,12 +92,18 @@ class LocalDataPlane:
         return self.runner.execute(plan)
 
 
-def run_engine(dataplane, info: dict, prompts, max_tokens, temperature: float) -> tuple[int, float]:
+# --sampling penalties: what issue 5 asks the cost of, on every request
+PENALTIES = dict(top_p=0.9, repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5)
+
+
+def run_engine(dataplane, info: dict, prompts, max_tokens, temperature: float,
+               extra_sampling: dict | None = None) -> tuple[int, float]:
     scheduler = Scheduler(SchedulerConfig(
         num_blocks=info["num_kv_blocks"], block_size=info["block_size"], max_num_seqs=info["max_num_seqs"],
         max_num_batched_tokens=info["max_num_batched_tokens"], max_model_len=info["max_model_len"]))
     for i, (p, m) in enumerate(zip(prompts, max_tokens)):
-        scheduler.add(Sequence(f"s{i}", p, SamplingOptions(max_tokens=m, temperature=temperature, ignore_eos=True)))
+        scheduler.add(Sequence(f"s{i}", p, SamplingOptions(max_tokens=m, temperature=temperature, ignore_eos=True,
+                                                            **(extra_sampling or {}))))
     dataplane.open_stream()  # a fresh batch on the data plane for this scheduler
     num_tokens = 0
     start = time.perf_counter()
@@ -169,6 +175,9 @@ def main() -> None:
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="GPUs per data plane; the bound then counts the bandwidth of all of them")
+    parser.add_argument("--sampling", choices=("plain", "penalties"), default="plain",
+                        help="plain: temperature 0.6 only (Nano-vLLM's); penalties: also top-p 0.9 and "
+                             "repetition/presence/frequency penalties on every request")
     parser.add_argument("--json-out", default=None, help="also write the figures here as JSON")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile this many steps of the workload with torch.profiler instead of timing it")
@@ -211,7 +220,8 @@ def main() -> None:
         if args.profile_steps:
             profile(dataplane, info, prompts, max_tokens, args.profile_steps)
             return
-        num_tokens, seconds = run_engine(dataplane, info, prompts, max_tokens, 0.6)
+        num_tokens, seconds = run_engine(dataplane, info, prompts, max_tokens, 0.6,
+                                         PENALTIES if args.sampling == "penalties" else None)
     finally:
         dataplane.close()
         if proc is not None:
@@ -229,6 +239,7 @@ def main() -> None:
     bound = lower_bound_s(prompts, max_tokens, weight_params * 2, info["kv_bytes_per_token"], bandwidth)
     figures = {
         "mode": "in-process" if args.in_process else "split (gRPC)", "tensor_parallel_size": args.tensor_parallel_size,
+        "sampling": args.sampling,
         "device": torch.cuda.get_device_name()
         if device.type == "cuda" else "cpu", "output_tokens": num_tokens, "seconds": round(seconds, 3),
         "tok_per_s": round(num_tokens / seconds, 1), "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
