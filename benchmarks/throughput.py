@@ -14,6 +14,7 @@ of its whole context once; bytes / the device's measured copy bandwidth is the f
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import random
@@ -87,9 +88,20 @@ class LocalDataPlane:
 
     def open_stream(self):
         self.runner.reset()
+        self._pending = collections.deque()
+
+    def send(self, plan):
+        # launch returns before the sampled ids reach the host (dataplane/runner.py), as the step loop uses it
+        launch = getattr(self.runner, "launch", None)
+        self._pending.append(launch(plan) if launch else self.runner.execute(plan))
+
+    def receive(self):
+        pending = self._pending.popleft()
+        return pending.result() if hasattr(pending, "result") else pending
 
     def step(self, plan):
-        return self.runner.execute(plan)
+        self.send(plan)
+        return self.receive()
 
 
 # --sampling penalties: what issue 5 asks the cost of, on every request
@@ -107,12 +119,19 @@ def run_engine(dataplane, info: dict, prompts, max_tokens, temperature: float,
     dataplane.open_stream()  # a fresh batch on the data plane for this scheduler
     num_tokens = 0
     start = time.perf_counter()
-    while scheduler.has_unfinished():
-        plan = scheduler.schedule()
-        if plan is None:
-            continue
-        num_tokens += len(scheduler.postprocess(plan, dataplane.step(plan)))
+    while scheduler.has_unfinished() or scheduler.in_flight:
+        num_tokens += len(overlapped_step(scheduler, dataplane))
     return num_tokens, time.perf_counter() - start
+
+
+def overlapped_step(scheduler: Scheduler, dataplane) -> list:
+    """The Engine's step without its streams: send plan N+1, then take N's result (one step in flight)."""
+    plan = scheduler.schedule()
+    if plan is not None:
+        dataplane.send(plan)
+    if len(scheduler.in_flight) > (1 if plan is not None else 0):
+        return scheduler.postprocess(scheduler.in_flight[0].plan, dataplane.receive())
+    return []
 
 
 def profile(dataplane, info: dict, prompts, max_tokens, num_steps: int) -> None:
@@ -128,8 +147,7 @@ def profile(dataplane, info: dict, prompts, max_tokens, num_steps: int) -> None:
     dataplane.open_stream()
 
     def one_step():
-        plan = scheduler.schedule()
-        scheduler.postprocess(plan, dataplane.step(plan))
+        overlapped_step(scheduler, dataplane)
 
     while scheduler.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in scheduler.running):
         one_step()
@@ -166,6 +184,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF folder; default: Qwen3-0.6B architecture, random weights")
     parser.add_argument("--in-process", action="store_true", help="no process boundary between the planes")
+    parser.add_argument("--transport", choices=("auto", "shm", "grpc"), default="auto",
+                        help="split mode: how plans and results travel (auto = shared memory on one host)")
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--max-input-len", type=int, default=1024)
     parser.add_argument("--max-output-len", type=int, default=1024)
@@ -211,8 +231,9 @@ def main() -> None:
             if proc.poll() is not None:
                 sys.exit("the data plane exited before it was ready")
             time.sleep(0.2)
-        dataplane = DataPlaneClient(f"127.0.0.1:{open(ready).read()}")
+        dataplane = DataPlaneClient(f"127.0.0.1:{open(ready).read()}", transport=args.transport)
         pb = dataplane.describe(600)
+        dataplane.connect()
         info = {k: getattr(pb, k) for k in ("num_kv_blocks", "block_size", "max_num_seqs",
                                             "max_num_batched_tokens", "max_model_len", "kv_bytes_per_token")}
     try:
@@ -238,7 +259,8 @@ def main() -> None:
         + h["num_attention_heads"] * h["head_dim"] * h["hidden_size"] + 3 * h["hidden_size"] * h["intermediate_size"]))
     bound = lower_bound_s(prompts, max_tokens, weight_params * 2, info["kv_bytes_per_token"], bandwidth)
     figures = {
-        "mode": "in-process" if args.in_process else "split (gRPC)", "tensor_parallel_size": args.tensor_parallel_size,
+        "mode": "in-process" if args.in_process else f"split ({dataplane.transport_name})",
+        "tensor_parallel_size": args.tensor_parallel_size,
         "sampling": args.sampling,
         "device": torch.cuda.get_device_name()
         if device.type == "cuda" else "cpu", "output_tokens": num_tokens, "seconds": round(seconds, 3),

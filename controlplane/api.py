@@ -63,7 +63,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             log.warning("request refused: overloaded", reason=str(e))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
                                 trailing_metadata=((RETRY_AFTER_METADATA, str(e.retry_after_ms)),))
-        request_id = request.request_id or self.engine.new_request_id()
+        request_id = validated.request_id or self.engine.new_request_id()
         structlog.contextvars.bind_contextvars(request_id=request_id)  # on every log line of this call (its own task)
         finished = False
         num_unfinished = sampling.n  # each sample ends with its own finish_reason

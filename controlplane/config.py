@@ -11,12 +11,14 @@ class ControlPlaneConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     dataplane: str = "127.0.0.1:50061"
+    transport: str = "auto"  # auto | shm | grpc: how steps reach the data plane
     tokenizer: str = ""  # empty = the model path the data plane reports
     served_model_name: str = ""  # empty = the data plane's model name
     enable_prefix_caching: bool = True
     dataplane_connect_timeout_s: float = 60.0
     max_logprobs: int = 20
     max_n: int = 16
+    overlap: bool = True
     # reliability (docs/reliability.md)
     dataplane_reconnect_timeout_s: float = 60.0
     max_waiting_requests: int = 1024
@@ -44,6 +46,8 @@ class ControlPlaneConfig:
             problems.append(f"--port must be in [0, 65535], got {self.port}")
         if ":" not in self.dataplane:
             problems.append(f"--dataplane must be HOST:PORT, got {self.dataplane!r}")
+        if self.transport not in ("auto", "shm", "grpc"):
+            problems.append(f"--transport must be auto, shm or grpc, got {self.transport!r}")
         if self.dataplane_connect_timeout_s <= 0:
             problems.append("--dataplane-connect-timeout-s must be positive")
         if self.max_logprobs < 0:
@@ -70,12 +74,16 @@ HELP = {
     "host": "address the public Generation API listens on",
     "port": "port the public Generation API listens on (0 = pick a free one)",
     "dataplane": "HOST:PORT of the data plane's gRPC service",
+    "transport": "how step plans and results travel: auto (shared memory when the data plane runs on this host "
+                 "and offers it, else gRPC), shm (fail at start-up when it cannot) or grpc",
     "tokenizer": "tokenizer path (HF folder or .gguf); empty = the data plane's model path",
     "served_model_name": "model name reported to clients; empty = the data plane's",
     "enable_prefix_caching": "reuse KV blocks of identical prompt prefixes",
     "dataplane_connect_timeout_s": "how long to wait for the data plane at start-up",
     "max_logprobs": "most top logprobs a request may ask for per token (sampling.logprobs, prompt_logprobs)",
     "max_n": "most parallel samples a request may ask for (sampling.n)",
+    "overlap": "plan step N+1 while the data plane runs step N (stop conditions act one step late; "
+               "--no-overlap waits for each result before planning the next step)",
     "dataplane_reconnect_timeout_s": "when the data plane is lost, how long requests in flight wait for it to come "
                                      "back (they are recomputed then) before they fail with UNAVAILABLE",
     "max_waiting_requests": "most requests waiting for a batch slot; more get RESOURCE_EXHAUSTED at once",

@@ -10,6 +10,10 @@ stop string is held back until it can no longer match. The engine owns one of
 these per request, next to the request's Sequence. As in vLLM, the engine passes
 check_stop=False until the sequence has more than min_tokens tokens, and a matched
 stop string stays in the text with include_stop_str_in_output.
+
+`add_batch` does one step of many detokenizers with one batch decode per
+skip_special_tokens setting (two Rust calls instead of two per sequence): the engine's
+per-step detokenisation of a few hundred sequences.
 """
 from __future__ import annotations
 
@@ -55,13 +59,23 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: Sequence[int], check_stop: bool = True) -> DetokenizerDelta:
         """The new text of token_ids; with check_stop False, all of it, unsearched for stop strings."""
+        windows = self._take(token_ids)
+        if windows is None:
+            return DetokenizerDelta("", True)
+        return self._add_decoded(*(self._decode(w) for w in windows), check_stop)
+
+    def _take(self, token_ids: Sequence[int]) -> tuple[list[int], list[int]] | None:
+        """Takes token_ids in; the id windows to decode (the prefix, the whole window), None once stopped."""
         if self._finished:
             raise RuntimeError("add() after finish()")
         if self.stopped:
-            return DetokenizerDelta("", True)
+            return None
         self._ids.extend(token_ids)
-        text = self._held_for_stop + self._decode_new_text()
-        if not check_stop:
+        return self._ids[self._prefix_offset:self._read_offset], self._ids[self._prefix_offset:]
+
+    def _add_decoded(self, prefix_text: str, window_text: str, check_stop: bool) -> DetokenizerDelta:
+        text = self._held_for_stop + self._new_text(prefix_text, window_text)
+        if not check_stop or not self._stop:  # stop strings hold text back only when there are some
             self._held_for_stop = ""
             return DetokenizerDelta(text, False)
         return self._release(text)
@@ -85,9 +99,8 @@ class IncrementalDetokenizer:
     def _decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
 
-    def _decode_new_text(self) -> str:
-        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        window_text = self._decode(self._ids[self._prefix_offset:])
+    def _new_text(self, prefix_text: str, window_text: str) -> str:
+        """The window's text past its prefix, once it ends in a whole character; advances the window."""
         if len(window_text) <= len(prefix_text) or window_text.endswith(REPLACEMENT_CHAR):
             return ""  # nothing new, or a character is still incomplete: keep the window
         self._prefix_offset = self._read_offset
@@ -127,3 +140,21 @@ class IncrementalDetokenizer:
             if any(s.startswith(tail) for s in self._stop):
                 return n
         return 0
+
+
+def add_batch(tokenizer: Tokenizer, items: list[tuple[IncrementalDetokenizer, Sequence[int], bool]]
+              ) -> list[DetokenizerDelta]:
+    """IncrementalDetokenizer.add(token_ids, check_stop) of each item, with one batch decode per
+    skip_special_tokens setting; the deltas in item order."""
+    windows = [detok._take(token_ids) for detok, token_ids, _ in items]
+    texts: list[tuple[str, str] | None] = [None] * len(items)
+    for skip in (True, False):
+        rows = [i for i, (detok, _, _) in enumerate(items)
+                if windows[i] is not None and bool(detok._skip_special_tokens) == skip]
+        if not rows:
+            continue
+        decoded = tokenizer.decode_batch([w for i in rows for w in windows[i]], skip_special_tokens=skip)
+        for j, i in enumerate(rows):
+            texts[i] = decoded[2 * j], decoded[2 * j + 1]
+    return [DetokenizerDelta("", True) if text is None else detok._add_decoded(*text, check_stop)
+            for (detok, _, check_stop), text in zip(items, texts)]

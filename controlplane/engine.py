@@ -1,8 +1,12 @@
 """Engine: the control plane's step loop, on its own thread.
 
-Each step: take in new requests and aborts → Scheduler.schedule() → the data plane
-runs the plan → Scheduler.postprocess() appends sampled tokens → detokenise, check
-stop strings, stream deltas to each request's OutputStream. Only this thread touches
+Each step: take in new requests and aborts → Scheduler.schedule() → send the plan to
+the data plane → take back the oldest result → Scheduler.postprocess() appends sampled
+tokens → detokenise, check stop strings, stream deltas to each request's OutputStream.
+With overlap (the default) the result taken back is the previous step's: the data plane
+already has this step's plan while the control plane handles that result, so stop
+conditions act one step late and a sequence that stops may cost one discarded token
+(Scheduler.num_discarded_tokens), never a wrong one in the output. Only this thread touches
 the scheduler and sequences; the gRPC servicer talks to it through submit()/abort().
 A request of n samples is n Sequences (the Scheduler's `leader` makes them share the
 prompt's KV blocks) and one stream; each delta says which sample it belongs to.
@@ -19,18 +23,20 @@ import itertools
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import structlog
 
 from controlplane.dataplane_client import DataPlaneClient, DataPlaneUnavailable
-from controlplane.detokenizer import IncrementalDetokenizer
+from controlplane.detokenizer import DetokenizerDelta, IncrementalDetokenizer, add_batch
 from controlplane.engine_observer import EngineObserver
 from controlplane.logprobs import PositionLogprobs, prompt_logprobs, sampled_logprobs
 from controlplane.reconnect import DataPlaneReconnector
 from controlplane.scheduler import Scheduler
 from controlplane.sequence import FinishReason, SamplingOptions, Sequence, new_samples
 from controlplane.tokenizer import Tokenizer
+from proto.step import StepResult
 
 log = structlog.get_logger("controlplane.engine")
 
@@ -84,6 +90,30 @@ class OutputStream:
         return self._queue.get(timeout=timeout)
 
 
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+class Deliveries:
+    """Outputs held until flush(), then handed to each event loop with one call_soon_threadsafe (a
+    wake-up of the loop's thread each) instead of one per output: a step of 256 sequences costs one."""
+
+    def __init__(self) -> None:
+        self._by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+
+    def put(self, stream: OutputStream, item: RequestOutput) -> None:
+        if stream._loop is None:
+            stream.put(item)
+        else:
+            self._by_loop.setdefault(stream._loop, []).append((stream._queue, item))
+
+    def flush(self) -> None:
+        for loop, items in self._by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+        self._by_loop.clear()
+
+
 @dataclass(slots=True)
 class _Request:
     """A request's n samples (sample i: seqs[i], detokenizers[i]) and the stream they share."""
@@ -104,10 +134,13 @@ class _Request:
 
 class Engine:
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, dataplane: DataPlaneClient,
-                 reconnector: DataPlaneReconnector):
+                 reconnector: DataPlaneReconnector, overlap: bool = True):
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.dataplane = dataplane
+        self.overlap = overlap
+        self._sent_s: deque[float] = deque()  # when each plan in flight was sent
+        self._deliveries = Deliveries()
         self.reconnector = reconnector
         self.num_running_requests = 0  # requests with a sample in a batch slot; read by admission control
         self._inbox: queue.Queue = queue.Queue()
@@ -127,7 +160,12 @@ class Engine:
         self._stop.set()
         self._wakeup.set()
         self._thread.join(timeout_s)
-        self.dataplane.close_stream()
+        self._close_stream()
+
+    @property
+    def num_discarded_tokens(self) -> int:
+        """Tokens sampled for a sequence that had stopped or was aborted by then; none reached a client."""
+        return self.scheduler.num_discarded_tokens
 
     @property
     def dataplane_connected(self) -> bool:
@@ -156,6 +194,7 @@ class Engine:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
+                self._deliveries.flush()  # abort_all's last outputs
                 return
             if item[0] == "add":
                 _, request_id, prompt_ids, sampling, stream = item
@@ -190,7 +229,7 @@ class Engine:
             if not self.reconnector.connected:
                 self._reconnect()
                 continue
-            if not self.scheduler.has_unfinished():
+            if not self.scheduler.has_unfinished() and not self.scheduler.in_flight:
                 self._wakeup.wait(0.5)
                 self._wakeup.clear()
                 continue
@@ -205,7 +244,7 @@ class Engine:
 
     def _dataplane_lost(self, reason: str) -> None:
         """Keeps every request: the data plane forgot its batch and KV, so all of it is recomputed later."""
-        self.dataplane.close_stream()
+        self._close_stream()
         self.scheduler.reset_dataplane()
         self.num_running_requests = 0
         self.reconnector.lost(reason)
@@ -230,38 +269,51 @@ class Engine:
             self.reconnector.progressed()  # nothing to prove the new stream with: the outage is over
 
     def step(self) -> None:
+        """Plans and sends a step, then takes back the oldest result; with overlap, while a plan was sent
+        this step, the one before it stays in flight (so the data plane never waits for this thread)."""
         plan = self.scheduler.schedule()
-        if plan is None:
+        if plan is not None:
+            self.dataplane.send(plan)
+            self._sent_s.append(time.monotonic())
+        if len(self.scheduler.in_flight) > (1 if self.overlap and plan is not None else 0):
+            self._take_result(self.dataplane.receive())
+        elif plan is None:
             self._wakeup.wait(0.01)
             self._wakeup.clear()
-            return
-        started_s = time.monotonic()
-        result = self.dataplane.step(plan)
-        self.num_steps += 1
-        self.observer.step_done(plan, time.monotonic() - started_s)
-        # logprobs first: the sequences still sit at the slots of the plan
-        for seq, entries in prompt_logprobs(plan, result, self.scheduler.seq_at_slot).items():
-            if (request := self._requests.get(seq.request_id)) is not None:
-                request.prompt_logprobs += entries
-        token_logprobs = sampled_logprobs(result, [self.scheduler.seq_at_slot(s) for s in result.slots.tolist()]
-                                          if len(result.logprob_rows) else [])
-        self.num_running_requests = len({s.request_id for s in self.scheduler.running})
-        new_tokens: dict[Sequence, list[int]] = {}
-        for seq, token in self.scheduler.postprocess(plan, result):
-            new_tokens.setdefault(seq, []).append(token)
-        for seq, tokens in new_tokens.items():
-            request = self._requests.get(seq.request_id)
-            if request is not None:
-                logprobs = [token_logprobs[seq]] if seq in token_logprobs else None
-                self._emit(request, seq, tokens, logprobs)
 
-    def _emit(self, request: _Request, seq: Sequence, tokens: list[int],
-              logprobs: list[PositionLogprobs] | None) -> None:
-        """Detokenises one sample's new tokens, finishes it on a stop string, and sends its delta."""
-        sampling, detokenizer = seq.sampling, request.detokenizers[seq.index]
+    def _take_result(self, result: StepResult) -> None:
+        step = self.scheduler.in_flight[0]
+        plan, seq_at_slot = step.plan, step.seq_at_slot
+        self.num_steps += 1
+        self.observer.step_done(plan, time.monotonic() - self._sent_s.popleft(), seq_at_slot)
+        # logprobs first: they read the sequences' counters as the plan left them
+        if len(plan.prompt_logprob_counts):
+            for seq, entries in prompt_logprobs(plan, result, seq_at_slot.__getitem__, step.run_starts).items():
+                if (request := self._requests.get(seq.request_id)) is not None:
+                    request.prompt_logprobs += entries
+        token_logprobs = (sampled_logprobs(result, [seq_at_slot[s] for s in result.slots.tolist()])
+                          if len(result.logprob_rows) else {})
+        self.num_running_requests = len({s.request_id for s in self.scheduler.running})
+        sampled = [(self._requests.get(seq.request_id), seq, token)
+                   for seq, token in self.scheduler.postprocess(plan, result)]
+        sampled = [item for item in sampled if item[0] is not None]
+        deltas = add_batch(self.tokenizer, [self._detokenizer_input(request, seq, token)
+                                            for request, seq, token in sampled])
+        for (request, seq, token), delta in zip(sampled, deltas):
+            self._emit(request, seq, [token], delta, [token_logprobs[seq]] if seq in token_logprobs else None)
+        self._deliveries.flush()
+
+    @staticmethod
+    def _detokenizer_input(request: _Request, seq: Sequence, token: int) -> tuple[IncrementalDetokenizer, list[int], bool]:
+        sampling = seq.sampling
         # the EOS or stop token that ended the sample stays out of the text unless asked for (as in vLLM)
-        text_ids = tokens[:-1] if seq.stop_token_id is not None and not sampling.include_stop_str_in_output else tokens
-        delta = detokenizer.add(text_ids, check_stop=seq.num_completion_tokens > sampling.min_tokens)
+        text_ids = [] if seq.stop_token_id is not None and not sampling.include_stop_str_in_output else [token]
+        return request.detokenizers[seq.index], text_ids, seq.num_completion_tokens > sampling.min_tokens
+
+    def _emit(self, request: _Request, seq: Sequence, tokens: list[int], delta: DetokenizerDelta,
+              logprobs: list[PositionLogprobs] | None) -> None:
+        """Finishes one sample on a stop string, and sends its delta."""
+        detokenizer = request.detokenizers[seq.index]
         if delta.stopped and seq.finish_reason is None:
             self.scheduler.finish(seq, FinishReason.STOP)
         prompt_lps = request.take_prompt_logprobs() if seq.index == 0 else None
@@ -290,7 +342,7 @@ class Engine:
             self.scheduler.abort(seq.seq_id)  # a no-op for a sample that already finished
 
     def _send(self, request: _Request, output: RequestOutput) -> None:
-        request.stream.put(output)
+        self._deliveries.put(request.stream, output)  # delivered at the end of the step or drain
         self.observer.output_sent(output)
 
     def _usage(self, seq: Sequence) -> Usage:
@@ -298,11 +350,17 @@ class Engine:
 
     def _fail_all(self, message: str, code: str = "UNAVAILABLE") -> None:
         log.error("failing all requests", reason=message, num_requests=len(self._requests))
+        self._deliveries.flush()  # what was produced before the failure goes first
         for request_id, request in list(self._requests.items()):
             self._abort_samples(request)
             request.stream.put(EngineFailure(message, code))
             self.observer.request_dropped(request_id, "error")
         self._requests.clear()
-        self.dataplane.close_stream()
+        self._close_stream()
         self.scheduler.reset_dataplane()  # the next stream starts from an empty batch: no drops to announce
         self.num_running_requests = 0
+
+    def _close_stream(self) -> None:
+        """Nothing stays in flight: a plan sent on the old stream never answers (the scheduler forgets it too)."""
+        self.dataplane.close_stream()
+        self._sent_s.clear()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from controlplane.engine import RequestOutput
+    from controlplane.sequence import Sequence
     from proto.step import StepPlan
 
 
@@ -17,9 +18,10 @@ class EngineObserver:
     def request_added(self, request_id: str, num_samples: int) -> None:
         """A request of num_samples sequences (its n) entered the engine; they wait for slots."""
 
-    def step_done(self, plan: "StepPlan", duration_s: float) -> None:
-        """The data plane ran plan; called before its sampled tokens are appended, so the
-        sequences that entered a slot in this plan still sit there."""
+    def step_done(self, plan: "StepPlan", duration_s: float, seq_at_slot: "list[Sequence | None]") -> None:
+        """The data plane ran plan (duration_s: from sending it to its result); called before its
+        sampled tokens are appended. seq_at_slot: who sat at each slot in that plan (with
+        overlap, a later plan may have given a slot to another sequence already)."""
 
     def output_sent(self, output: "RequestOutput") -> None:
         """A delta of one sample went to its request's stream; the sample's last one has finish_reason and usage."""

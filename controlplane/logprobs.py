@@ -59,10 +59,12 @@ def sampled_logprobs(result: StepResult, seq_of_row: list[Sequence | None]) -> d
     return {s: e for s, e in zip(seqs, entries) if s is not None}
 
 
-def prompt_logprobs(plan: StepPlan, result: StepResult,
-                    seq_at_slot: Callable[[int], Sequence | None]) -> dict[Sequence, list[PositionLogprobs]]:
+def prompt_logprobs(plan: StepPlan, result: StepResult, seq_at_slot: Callable[[int], Sequence | None],
+                    run_starts: list[int] | None = None) -> dict[Sequence, list[PositionLogprobs]]:
     """The new prompt logprobs of each sequence whose chunk was flagged, in prompt order;
-    advances Sequence.num_prompt_logprobs past them."""
+    advances Sequence.num_prompt_logprobs past them. run_starts: each run entry's first
+    position; by default the sequence's computed tokens before the entry (right unless a
+    later plan already scheduled more of it, as with overlap)."""
     flagged = np.flatnonzero(plan.run_flags & RUN_PROMPT_LOGPROBS).tolist()
     if not flagged:
         return {}
@@ -78,7 +80,8 @@ def prompt_logprobs(plan: StepPlan, result: StepResult,
         if seq is None:
             continue
         # the chunk ran tokens [start, start + run_num_tokens); row i predicts token start + 1 + i
-        start = seq.num_computed_tokens - int(plan.run_num_tokens[entry])
+        start = (run_starts[entry] if run_starts is not None
+                 else seq.num_computed_tokens - int(plan.run_num_tokens[entry]))
         skip = max(0, seq.num_prompt_logprobs - start)  # targets 1 .. num_prompt_logprobs were sent
         if skip >= count:
             continue

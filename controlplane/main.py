@@ -48,8 +48,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def build_engine(config: ControlPlaneConfig):
     """Connects to the data plane and builds everything the API needs from what it reports."""
     dataplane = DataPlaneClient(config.dataplane, dataplane_channel_credentials(config),
-                                dataplane_channel_options(config))
+                                dataplane_channel_options(config), config.transport, config.dataplane_max_message_bytes)
     info = dataplane.describe(config.dataplane_connect_timeout_s)
+    dataplane.connect()  # --transport shm that cannot be is a start-up error
     tokenizer = load_tokenizer(config.tokenizer or info.model_path)
     eos = sorted(set(info.eos_token_ids) | set(tokenizer.eos_token_ids))
     scheduler = Scheduler(SchedulerConfig(
@@ -63,11 +64,13 @@ def build_engine(config: ControlPlaneConfig):
         model_name=config.served_model_name or info.model_name, architecture=info.architecture,
         max_model_len=info.max_model_len, kv_capacity_tokens=limits.kv_capacity_tokens, block_size=info.block_size,
         num_kv_blocks=info.num_kv_blocks, vocab_size=info.vocab_size, dtype=info.dtype, device=info.device,
-        attention_backend=info.attention_backend, max_num_seqs=info.max_num_seqs)
+        attention_backend=info.attention_backend, max_num_seqs=info.max_num_seqs,
+        dataplane_transport=dataplane.transport_name)
     log.info("connected to data plane", dataplane=config.dataplane, model=model_info.model_name,
+             transport=dataplane.transport_name, transport_reason=dataplane.transport_reason,
              num_kv_blocks=info.num_kv_blocks, block_size=info.block_size, device=info.device)
     reconnector = DataPlaneReconnector(dataplane, info, config.dataplane_reconnect_timeout_s)
-    return Engine(scheduler, tokenizer, dataplane, reconnector), tokenizer, limits, model_info
+    return Engine(scheduler, tokenizer, dataplane, reconnector, config.overlap), tokenizer, limits, model_info
 
 
 @dataclass

@@ -25,6 +25,8 @@ class ScheduledRun:
     start: int  # seq.num_computed_tokens before this step's chunk: the KV the data plane already holds
     num_tokens: int
     is_new: bool  # the sequence got its slot this step
+    samples: bool = False  # the chunk reaches the sequence's end: a token is sampled after it
+    token_on_device: bool = False  # a decode of the token the data plane sampled last at this slot
 
 
 def _array(name: str, values) -> np.ndarray:
@@ -108,17 +110,15 @@ class PlanBuilder:
         prompt_logprob_counts: list[int] = []
         prompt_logprob_token_ids: list[int] = []
         for r in runs:
-            seq, end = r.seq, r.start + r.num_tokens
-            reaches_end = end == seq.num_tokens
-            # a decode of the token the data plane sampled itself at this slot needs no id
-            on_device = r.num_tokens == 1 and reaches_end and seq.last_token_on_device
+            seq, end, on_device = r.seq, r.start + r.num_tokens, r.token_on_device
             if not on_device:
+                assert end <= seq.num_tokens, f"{seq.seq_id}: a chunk with a pending token must be its decode"
                 token_ids += seq.token_ids[r.start:end]
             num_targets = num_prompt_targets(seq, r.start, r.num_tokens) if seq.needs_prompt_logprobs else 0
             if num_targets:
                 prompt_logprob_counts.append(num_targets)
                 prompt_logprob_token_ids += seq.token_ids[r.start + 1:r.start + 1 + num_targets]
-            flags.append((RUN_SAMPLE if reaches_end else 0) | (0 if on_device else RUN_TOKENS_IN_PLAN)
+            flags.append((RUN_SAMPLE if r.samples else 0) | (0 if on_device else RUN_TOKENS_IN_PLAN)
                          | (RUN_PROMPT_LOGPROBS if num_targets else 0))
         plan.run_slots = _array("run_slots", [r.seq.slot for r in runs])
         plan.run_num_tokens = _array("run_num_tokens", [r.num_tokens for r in runs])

@@ -33,7 +33,10 @@ def _tolerant(deserializer):
 
 
 def _message(method: str, request: UndecodableRequest) -> str:
-    return f"the request to {method} is not a valid protobuf message of its type: {request.reason}"
+    hint = (" (every string field, the prompt and chat messages included, must be valid UTF-8)"
+            if "UTF-8" in request.reason else
+            " (truncated, of another message type, or nested deeper than protobuf's limit of 100)")
+    return f"the request to {method} is not a valid protobuf message of its type: {request.reason}{hint}"
 
 
 class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):

@@ -16,6 +16,16 @@ skips the prefix cache: a cache hit would leave those tokens' logits uncomputed.
 Slot reuse: a slot released since the last plan (finished, aborted, preempted) goes
 into the next plan's `drop_slots` and may be given to a new sequence in that same plan:
 the data plane applies a plan's drops before its new entries.
+
+Overlap (one step ahead): `schedule()` may plan step N+1 before N's result is back. A
+step that samples leaves a pending token (`Sequence.num_pending_tokens`): the next plan
+decodes it from the data plane's slot without its id, with a KV slot reserved for it.
+Plans in flight are kept (`in_flight`) with who sat at each slot, so `postprocess` gives
+each result row to the sequence it was sampled for even if that slot changed hands since;
+a token sampled for a sequence that finished meanwhile is discarded (`num_discarded_tokens`).
+What may not run ahead: a sequence whose pending token is its last by length (nothing is
+planned for it), and a preempted one with a token in flight (its prefill needs the id).
+Prefix-cache hashes cover known tokens only, so a discarded token never enters one.
 """
 from __future__ import annotations
 
@@ -50,6 +60,19 @@ class SchedulerConfig:
         # A sequence longer than the whole KV cache would preempt itself forever, so it stops
         # there even when the model allows more (validation keeps requests within both).
         return min(self.max_model_len, self.num_blocks * self.block_size)
+
+
+@dataclass(slots=True)
+class InFlightStep:
+    """A plan sent whose result is not back yet, and who sat at each slot when it was built."""
+
+    plan: StepPlan
+    seq_at_slot: list[Sequence | None]
+    runs: list[ScheduledRun]
+
+    @property
+    def run_starts(self) -> list[int]:
+        return [r.start for r in self.runs]
 
 
 class SlotTable:
@@ -97,6 +120,9 @@ class Scheduler:
         self._eos_token_ids = frozenset(config.eos_token_ids)
         self._arrivals = itertools.count()
         self.num_preemptions = 0  # over the scheduler's life, for tests and metrics
+        self.max_seq_len = config.max_seq_len  # read per sequence per step: not a property here
+        self.num_discarded_tokens = 0  # sampled for a sequence that had finished by then (overlap, aborts)
+        self.in_flight: deque[InFlightStep] = deque()  # oldest first
 
     @property
     def num_running(self) -> int:
@@ -114,7 +140,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         assert seq.status is SequenceStatus.WAITING and seq.seq_id not in self.seqs
-        assert seq.num_tokens < self.config.max_seq_len, "validation must reject prompts this long"
+        assert seq.num_tokens < self.max_seq_len, "validation must reject prompts this long"
         seq.arrival = next(self._arrivals)
         self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
@@ -145,6 +171,9 @@ class Scheduler:
         admission order; the prefix cache is emptied (its blocks' KV is gone). The tokens stay:
         re-prefilling them gives the data plane back what it held. Capacities may change
         with a new data plane (the caller checked they still honour what was promised)."""
+        self.in_flight.clear()  # their results never come: the tokens are recomputed
+        for seq in self.seqs.values():
+            seq.num_pending_tokens = 0
         for seq in self.running:
             self.block_manager.free(seq)
             seq.status = SequenceStatus.WAITING
@@ -161,24 +190,33 @@ class Scheduler:
         cfg.max_num_batched_tokens = max_num_batched_tokens or cfg.max_num_batched_tokens
         self.slots.reset(cfg.max_num_seqs)
         self.block_manager.reset(cfg.num_blocks)
+        self.max_seq_len = cfg.max_seq_len
 
     def schedule(self) -> StepPlan | None:
         """Plans one step; None when nothing can run (pending drops then ride on the next plan)."""
         budget = self.config.max_num_batched_tokens
+        block_size = self.config.block_size
         runs: list[ScheduledRun] = []
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        running, max_seq_len = self.running, self.max_seq_len
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            num_tokens = len(seq.token_ids) + seq.num_pending_tokens
+            if seq.num_pending_tokens and (num_tokens - seq.num_prompt_tokens >= seq.sampling.max_tokens
+                                           or num_tokens >= max_seq_len):
+                i += 1
+                continue  # a step in flight samples its last token by length: nothing more to run
+            n = min(num_tokens - seq.num_computed_tokens, budget)
             assert n > 0, f"{seq.seq_id} is running with nothing to compute"
-            if not self._reserve_or_preempt(seq, n):
+            # most decodes fit in the last block: only a block boundary asks the BlockManager
+            if seq.num_computed_tokens + n > len(seq.block_table) * block_size and not self._reserve_or_preempt(seq, n):
                 break  # seq preempted itself; everything after it already was
             runs.append(self._take(seq, n, is_new=False))
             budget -= n
             i += 1
         while self.waiting and budget > 0 and self.slots.has_free():
-            if self._waits_for_leader(self.waiting[0]):
-                break  # a few steps at most: the leader's prompt is being computed
+            if self._waits_for_leader(self.waiting[0]) or self.waiting[0].num_pending_tokens:
+                break  # a step or two at most: the leader's prompt is being computed, or the token in flight comes
             run = self._admit(self.waiting[0], budget)
             if run is None:
                 break  # the oldest waits for blocks; later arrivals must not overtake it
@@ -186,20 +224,30 @@ class Scheduler:
             budget -= run.num_tokens
         if not runs:
             return None
-        return self.plan_builder.build(self.slots.take_drops(), runs)
+        plan = self.plan_builder.build(self.slots.take_drops(), runs)
+        self.in_flight.append(InFlightStep(plan, list(self.slots.seqs), runs))
+        return plan
 
     def postprocess(self, plan: StepPlan, result: StepResult) -> list[tuple[Sequence, int]]:
-        """Appends each sampled token to its sequence and finishes those that stop; returns (seq, token) in result order."""
+        """Takes the oldest plan in flight's result: appends each sampled token to its sequence and finishes
+        those that stop; returns (seq, token) in result order, without the tokens discarded."""
+        if not self.in_flight or self.in_flight[0].plan.step_id != plan.step_id:
+            oldest = self.in_flight[0].plan.step_id if self.in_flight else None
+            raise ValueError(f"postprocess of plan {plan.step_id}, but the oldest plan in flight is {oldest}")
         if result.step_id != plan.step_id:
             raise ValueError(f"result of step {result.step_id} given for plan {plan.step_id}")
+        seq_at_slot = self.in_flight.popleft().seq_at_slot
         out: list[tuple[Sequence, int]] = []
         for slot, token in zip(result.slots.tolist(), result.token_ids.tolist()):
-            seq = self.slots.seqs[slot]
+            seq = seq_at_slot[slot]
             if seq is None:
-                continue  # aborted while the step ran
-            assert seq.num_computed_tokens == seq.num_tokens, f"{seq.seq_id} sampled before its prompt was computed"
+                raise ValueError(f"result {result.step_id} has a token for slot {slot}, empty in that plan")
+            seq.num_pending_tokens -= 1
+            if seq.status is SequenceStatus.FINISHED:
+                self.num_discarded_tokens += 1  # aborted, or stopped by the token before
+                continue
             seq.token_ids.append(token)
-            seq.last_token_on_device = True
+            seq.last_token_on_device = seq.slot is not None  # not when preempted since
             reason = self._stop_reason(seq, token)
             if reason is not None:
                 self.finish(seq, reason)
@@ -212,6 +260,7 @@ class Scheduler:
         assert sorted(self.slots.free + [s.slot for s in self.running]) == list(range(self.config.max_num_seqs))
         assert all(self.slots.seqs[s.slot] is s for s in self.running)
         assert all(not s.block_table and s.slot is None for s in self.waiting)
+        assert all(0 <= s.num_pending_tokens <= len(self.in_flight) for s in self.seqs.values())
 
     def _reserve_or_preempt(self, seq: Sequence, n: int) -> bool:
         while not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + n):
@@ -254,22 +303,30 @@ class Scheduler:
         return self._take(seq, n, is_new=True)
 
     def _take(self, seq: Sequence, n: int, is_new: bool) -> ScheduledRun:
-        start = seq.num_computed_tokens
-        assert start + n <= self.config.max_seq_len
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        assert end <= self.max_seq_len
         # registered now, not after the step ran: a sequence admitted later in this same step
         # may hit these blocks, because the data plane writes a layer's KV for the whole
-        # batch before any attention of that layer reads it
-        self.block_manager.register_full_blocks(seq, start + n)
-        seq.num_computed_tokens = start + n
-        return ScheduledRun(seq, start, n, is_new)
+        # batch before any attention of that layer reads it. A block holding a pending
+        # token waits for a later step: its hash needs the token's id.
+        known = min(end, len(seq.token_ids))
+        if n > 1 or known % self.config.block_size == 0:  # a decode fills a block at a boundary only
+            self.block_manager.register_full_blocks(seq, known)
+        seq.num_computed_tokens = end
+        samples = end == len(seq.token_ids) + seq.num_pending_tokens
+        # a decode of the token the data plane sampled at this slot (in flight, or the last appended) needs no id
+        on_device = n == 1 and samples and (seq.num_pending_tokens > 0 or seq.last_token_on_device)
+        seq.num_pending_tokens += samples
+        return ScheduledRun(seq, start, n, is_new, samples, on_device)
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         sampling = seq.sampling
+        num_completion = len(seq.token_ids) - seq.num_prompt_tokens
         # the data plane bans these tokens until min_tokens outputs exist; checked here too so both agree
         if ((token in sampling.stop_token_ids or (not sampling.ignore_eos and token in self._eos_token_ids))
-                and seq.num_completion_tokens > sampling.min_tokens):
+                and num_completion > sampling.min_tokens):
             seq.stop_token_id = token
             return FinishReason.STOP
-        if seq.num_completion_tokens >= sampling.max_tokens or seq.num_tokens >= self.config.max_seq_len:
+        if num_completion >= sampling.max_tokens or len(seq.token_ids) >= self.max_seq_len:
             return FinishReason.LENGTH
         return None

@@ -72,6 +72,9 @@ class Sequence:
     slot: int | None = None  # index in the data plane's persistent batch
     # the data plane sampled token_ids[-1] at the current slot, so a decode need not send it
     last_token_on_device: bool = False
+    # tokens sampled by steps in flight (overlap), not yet in token_ids: the data plane holds
+    # the newest at the slot, so the next decode needs no id; at most 2 (one step ahead)
+    num_pending_tokens: int = 0
     num_blocks_sent: int = 0  # block-table entries the data plane holds for the current slot
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
@@ -93,6 +96,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_completion_tokens(self) -> int:

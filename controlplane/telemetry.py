@@ -17,6 +17,7 @@ from controlplane.engine import RequestOutput
 from controlplane.engine_observer import EngineObserver
 from controlplane.metrics import Counter, CounterReader, Gauge, Histogram, Registry
 from controlplane.scheduler import Scheduler
+from controlplane.sequence import Sequence
 from proto.step import StepPlan
 
 log = structlog.get_logger("controlplane.engine")
@@ -70,6 +71,9 @@ class EngineTelemetry(EngineObserver):
                     lambda: 1.0 - blocks.num_free_blocks / blocks.num_blocks))
         r.add(CounterReader("nanoplane:num_preemptions_total", "Sequences preempted (by recompute) since start.",
                             lambda: s.num_preemptions))
+        r.add(CounterReader("nanoplane:discarded_tokens_total",
+                            "Tokens sampled one step ahead for a sequence that had stopped or was aborted; "
+                            "never sent to a client.", lambda: s.num_discarded_tokens))
         self.prefix_queries = r.add(Counter("nanoplane:prefix_cache_queries_total",
                                             "Tokens looked up in the prefix cache when a sequence was admitted."))
         self.prefix_hits = r.add(Counter("nanoplane:prefix_cache_hits_total",
@@ -102,7 +106,7 @@ class EngineTelemetry(EngineObserver):
     def request_added(self, request_id: str, num_samples: int) -> None:
         self._timings[request_id] = _Timing(arrival_s=time.monotonic(), num_unfinished=num_samples)
 
-    def step_done(self, plan: StepPlan, duration_s: float) -> None:
+    def step_done(self, plan: StepPlan, duration_s: float, seq_at_slot: list[Sequence | None]) -> None:
         now = time.monotonic()
         self.step_duration.observe(duration_s)
         for slot in plan.drop_slots.tolist():  # the data plane applies drops before new entries
@@ -110,7 +114,7 @@ class EngineTelemetry(EngineObserver):
             if owner is not None:
                 log.info("sequence left slot", request_id=owner[0], sample=owner[1], slot=slot, step_id=plan.step_id)
         for slot, num_cached in zip(plan.new_slots.tolist(), plan.new_num_cached_tokens.tolist()):
-            seq = self.scheduler.seq_at_slot(slot)
+            seq = seq_at_slot[slot]
             if seq is None:
                 continue
             self._slot_owner[slot] = (seq.request_id, seq.index)

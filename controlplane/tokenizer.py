@@ -66,6 +66,12 @@ class Tokenizer:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens,
                               clean_up_tokenization_spaces=False)
 
+    def decode_batch(self, batch: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
+        """decode() of each id list, in one call (the engine's per-step detokenisation)."""
+        if self._backend is not None:
+            return self._backend.decode_batch(batch, skip_special_tokens=skip_special_tokens)
+        return [self.decode(ids, skip_special_tokens) for ids in batch]
+
     def convert_ids_to_tokens(self, token_ids: list[int]) -> list[str]:
         return list(self.hf.convert_ids_to_tokens(token_ids))
 

@@ -15,6 +15,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 512
 MAX_STOP_TOKEN_IDS = 256
+MAX_REQUEST_ID_CHARS = 256  # it is echoed in every response and bound to every log line of the request
 INT64_MAX = 2**63 - 1
 
 
@@ -37,6 +38,7 @@ class RequestLimits:
 class ValidatedRequest:
     prompt_token_ids: list[int]
     sampling: SamplingOptions
+    request_id: str = ""  # empty: the server makes one
 
 
 def chat_messages(pb_messages) -> list[dict]:
@@ -158,7 +160,17 @@ def more_sampling_options(pb, max_tokens: int, limits: RequestLimits) -> dict:
     )
 
 
+def request_id(request) -> str:
+    rid = request.request_id
+    if len(rid) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(rid)}")
+    if not rid.isprintable():
+        raise InvalidRequest("request_id", "only printable characters: no newlines, tabs or control characters")
+    return rid
+
+
 def validate_generate(request, tokenizer: Tokenizer, limits: RequestLimits) -> ValidatedRequest:
+    rid = request_id(request)
     ids = prompt_token_ids(request, tokenizer, limits)
     if len(ids) >= limits.max_model_len:
         raise InvalidRequest(request.WhichOneof("input"),
@@ -168,4 +180,4 @@ def validate_generate(request, tokenizer: Tokenizer, limits: RequestLimits) -> V
         raise InvalidRequest(request.WhichOneof("input"),
                              f"the prompt has {len(ids)} tokens but the whole KV cache holds "
                              f"{limits.kv_capacity_tokens}; shorten the prompt")
-    return ValidatedRequest(ids, sampling_options(request.sampling, len(ids), limits))
+    return ValidatedRequest(ids, sampling_options(request.sampling, len(ids), limits), rid)

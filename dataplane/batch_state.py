@@ -3,10 +3,13 @@
 A StepPlan carries only deltas; `BatchState.apply(plan)` folds them in and returns
 the `StepInputs` of this step (input ids, positions, slot mapping, attention
 metadata, sampling params of the rows that sample). Host-side bookkeeping is numpy;
-the last sampled token of each slot stays on the device, so decode inputs never
-cross the wire or the PCIe bus. Sampling params live in `SlotSamplingParams`
-(dataplane/sampling_params.py); the token history that penalties need, in
-`PenaltyState` (dataplane/layers/penalties.py), fed here with every token that runs.
+the block tables are mirrored on the device (a plan's block writes are scattered into
+them), and the last sampled token of each slot stays there, so a decode step's input
+ids never cross the wire or the PCIe bus. The small arrays a step does send go in one
+packed, pinned upload (dataplane/host_transfer.py), and nothing here reads the device:
+`apply` never waits for steps still in flight. Sampling params live in
+`SlotSamplingParams` (dataplane/sampling_params.py); the token history that penalties
+need, in `PenaltyState` (dataplane/layers/penalties.py), fed here with every token that runs.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ import numpy as np
 import torch
 
 from dataplane.context import AttentionMetadata
+from dataplane.host_transfer import Uploads
 from dataplane.layers.penalties import PenaltyState
+from dataplane.layers.sampler import SamplerPlan, plan_sampling
 from dataplane.sampling_params import SamplingInputs, SlotSamplingParams
 from proto.step import RUN_PROMPT_LOGPROBS, RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
 
@@ -41,11 +46,16 @@ class StepInputs:
     sampled_slots: np.ndarray  # i32 [num_sampled]
     sampling: SamplingInputs
     prompt_logprobs: PromptLogprobInputs | None = None
+    # device copies of host index sets: sampled_slots, sampling.logprob_rows, sampling.penalty_rows
+    sampled_index: torch.Tensor | None = None
+    logprob_index: torch.Tensor | None = None
+    penalty_index: torch.Tensor | None = None
+    sampler_plan: SamplerPlan | None = None
 
 
 class BatchState:
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, num_blocks: int,
-                 max_model_len: int, vocab_size: int, device: torch.device):
+                 max_model_len: int, vocab_size: int, device: torch.device, max_num_batched_tokens: int = 0):
         self.max_num_seqs = max_num_seqs
         self.max_blocks_per_seq = max_blocks_per_seq
         self.block_size = block_size
@@ -60,6 +70,9 @@ class BatchState:
         self.sampling_params = SlotSamplingParams(max_num_seqs, device)
         self.penalties = PenaltyState(max_num_seqs, vocab_size, device)
         self.last_token = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
+        self.block_tables_device = torch.zeros((max_num_seqs, max_blocks_per_seq), dtype=torch.int32, device=device)
+        # a full step's ids, positions and slot mapping, plus a few int64 per slot; a bigger step grows it
+        self.uploads = Uploads(device, 24 * max(max_num_batched_tokens, max_num_seqs) + 128 * max_num_seqs + 4096)
 
     def reset(self) -> None:
         self.active[:] = False
@@ -74,24 +87,28 @@ class BatchState:
         if len(token_ids) and (token_ids.min() < 0 or token_ids.max() >= self.vocab_size):
             raise PlanError(f"{what}: token id outside the vocabulary [0, {self.vocab_size})")
 
-    def _admit_penalty_history(self, plan: StepPlan) -> None:
+    def _stage_penalty_history(self, plan: StepPlan):
         """New sequences with penalties start from empty rows plus their prefix-cache hit,
         whose tokens never run here (the plan carries them as cached_token_ids)."""
         uses = plan.new_uses_penalties
         if not np.any(uses):
-            return
+            return None
         slots = plan.new_slots[uses]
-        self.penalties.reset(slots)
         num_cached = plan.new_num_cached_tokens[uses].astype(np.int64)
-        if num_cached.sum():
-            owner = np.repeat(np.arange(len(slots)), num_cached)
-            positions = np.arange(int(num_cached.sum())) - np.repeat(np.cumsum(num_cached) - num_cached, num_cached)
-            is_prompt = positions < plan.new_num_prompt_tokens[uses][owner]
-            token_ids = torch.from_numpy(plan.cached_token_ids.astype(np.int64)).to(self.device)
-            self.penalties.observe(token_ids, slots[owner], is_prompt)
+        owner = np.repeat(np.arange(len(slots)), num_cached)
+        positions = np.arange(int(num_cached.sum())) - np.repeat(np.cumsum(num_cached) - num_cached, num_cached)
+        is_prompt = positions < plan.new_num_prompt_tokens[uses][owner]
+        return slots, self.uploads.stage(plan.cached_token_ids, torch.long), slots[owner], is_prompt
+
+    def _apply_penalty_history(self, staged) -> None:
+        slots, token_ids, token_slots, is_prompt = staged
+        self.penalties.reset(slots)
+        if len(token_slots):
+            self.penalties.observe(token_ids, token_slots, is_prompt)
 
     def apply(self, plan: StepPlan) -> StepInputs | None:
-        """Folds the plan's deltas into the state and builds this step's inputs (None when nothing runs)."""
+        """Folds the plan's deltas into the state and builds this step's inputs (None when nothing runs).
+        Everything is checked on the host before any device work, so a rejected plan leaves the device as it was."""
         self._check_slots(plan.drop_slots, "drop_slots")
         self.active[plan.drop_slots] = False
         self.has_last_token[plan.drop_slots] = False
@@ -105,13 +122,12 @@ class BatchState:
         self.active[new] = True
         self.has_last_token[new] = False
         self.num_computed[new] = plan.new_num_cached_tokens
-        for name in ("stop_ids", "cached_token_ids", "prompt_logprob_token_ids"):
+        for name in ("stop_ids", "cached_token_ids", "prompt_logprob_token_ids", "token_ids"):
             self._check_token_ids(getattr(plan, name), name)
         for name in ("new_num_logprobs", "new_num_prompt_logprobs"):
             if len(new) and getattr(plan, name).max() > self.vocab_size:
                 raise PlanError(f"{name}: more top logprobs than the vocabulary has ({self.vocab_size})")
         self.sampling_params.admit(plan)
-        self._admit_penalty_history(plan)
 
         self._check_slots(plan.block_slots, "block_slots")
         if len(plan.block_ids):
@@ -120,31 +136,50 @@ class BatchState:
             if plan.block_indices.min() < 0 or plan.block_indices.max() >= self.max_blocks_per_seq:
                 raise PlanError(f"block_indices: index out of range [0, {self.max_blocks_per_seq})")
             self.block_tables[plan.block_slots, plan.block_indices] = plan.block_ids
+        if len(plan.run_slots):
+            self._check_runs(plan)
 
-        if len(plan.run_slots) == 0:
-            return None
-        return self._build_inputs(plan)
+        # host work done: stage what the device needs, send it in one copy, then enqueue the device work
+        uploads = self.uploads
+        uploads.begin()
+        writes = None
+        if len(plan.block_ids):
+            writes = (uploads.stage(plan.block_slots, torch.long), uploads.stage(plan.block_indices, torch.long),
+                      uploads.stage(plan.block_ids, torch.int32))
+        history = self._stage_penalty_history(plan)
+        staged = self._stage_inputs(plan) if len(plan.run_slots) else None
+        uploads.flush()
+        if writes is not None:
+            self.block_tables_device[writes[0], writes[1]] = writes[2]
+        if history is not None:
+            self._apply_penalty_history(history)
+        return None if staged is None else self._finish_inputs(*staged)
 
-    def _build_inputs(self, plan: StepPlan) -> StepInputs:
+    def _check_runs(self, plan: StepPlan) -> None:
         slots = plan.run_slots
         self._check_slots(slots, "run_slots")
         if not np.all(self.active[slots]):
             raise PlanError("run_slots: a slot that is not in the batch was scheduled")
         if len(np.unique(slots)) != len(slots):
             raise PlanError("run_slots: a slot is scheduled twice")
+        in_plan = (plan.run_flags & RUN_TOKENS_IN_PLAN) != 0
+        if np.any(~in_plan & ~self.has_last_token[slots]):
+            raise PlanError("run_flags: a decode without token ids for a slot that has not sampled yet")
+        seq_lens = self.num_computed[slots] + plan.run_num_tokens
+        if seq_lens.max() > self.max_model_len:
+            raise PlanError(f"a sequence would exceed max_model_len {self.max_model_len}")
+        if (seq_lens.max() + self.block_size - 1) // self.block_size > self.max_blocks_per_seq:
+            raise PlanError("a sequence needs more blocks than a block table holds")
+
+    def _stage_inputs(self, plan: StepPlan):
+        stage = self.uploads.stage
+        slots = plan.run_slots.astype(np.int64)
         counts = plan.run_num_tokens.astype(np.int64)
         in_plan = (plan.run_flags & RUN_TOKENS_IN_PLAN) != 0
         sample = (plan.run_flags & RUN_SAMPLE) != 0
-        if np.any(~in_plan & ~self.has_last_token[slots]):
-            raise PlanError("run_flags: a decode without token ids for a slot that has not sampled yet")
-
         start = self.num_computed[slots]
         seq_lens = start + counts
-        if seq_lens.max() > self.max_model_len:
-            raise PlanError(f"a sequence would exceed max_model_len {self.max_model_len}")
-        num_blocks_needed = (seq_lens + self.block_size - 1) // self.block_size
-        if num_blocks_needed.max() > self.max_blocks_per_seq:
-            raise PlanError("a sequence needs more blocks than a block table holds")
+        max_blocks = int((seq_lens.max() + self.block_size - 1) // self.block_size)
 
         cu_seqlens = np.zeros(len(slots) + 1, dtype=np.int64)
         np.cumsum(counts, out=cu_seqlens[1:])
@@ -155,50 +190,69 @@ class BatchState:
         token_slots = slots[entry_of_token]
         block_ids = self.block_tables[token_slots, positions // self.block_size].astype(np.int64)
         slot_mapping = block_ids * self.block_size + positions % self.block_size
-
-        device = self.device
-        input_ids = torch.empty(num_tokens, dtype=torch.long, device=device)
-        token_in_plan = in_plan[entry_of_token]
-        if len(plan.token_ids):
-            plan_rows = torch.from_numpy(np.nonzero(token_in_plan)[0]).to(device)
-            tokens = torch.from_numpy(plan.token_ids.astype(np.int64)).to(device)
-            if tokens.numel() and (int(plan.token_ids.min()) < 0 or int(plan.token_ids.max()) >= self.vocab_size):
-                raise PlanError(f"token_ids: token id outside the vocabulary [0, {self.vocab_size})")
-            input_ids[plan_rows] = tokens
-        if not np.all(in_plan):
-            device_rows = torch.from_numpy(np.nonzero(~token_in_plan)[0]).to(device)
-            device_slots = torch.from_numpy(slots[~in_plan].astype(np.int64)).to(device)
-            input_ids[device_rows] = self.last_token[device_slots]
-        penalised = self.sampling_params.uses_penalties[token_slots]
-        if np.any(penalised):
-            rows = np.flatnonzero(penalised)
-            is_prompt = positions[rows] < self.sampling_params.num_prompt_tokens[token_slots[rows]]
-            self.penalties.observe(input_ids[torch.from_numpy(rows).to(device)], token_slots[rows], is_prompt)
-
-        max_blocks = int(num_blocks_needed.max())
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slot_mapping).to(device),
-            query_start_loc=torch.from_numpy(cu_seqlens.astype(np.int32)).to(device),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(device),
-            block_tables=torch.from_numpy(np.ascontiguousarray(self.block_tables[slots, :max_blocks])).to(device),
-            max_query_len=int(counts.max()),
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc_cpu=cu_seqlens.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
-        )
         self.num_computed[slots] = seq_lens
 
+        # input ids: the plan's tokens where it has them; decodes read the slot's last sampled token on the device
+        token_in_plan = in_plan[entry_of_token]
+        ids = None
+        if len(plan.token_ids):
+            host_ids = np.zeros(num_tokens, dtype=np.int64)
+            host_ids[token_in_plan] = plan.token_ids
+            ids = stage(host_ids, torch.long)
+        decodes = None
+        if not np.all(in_plan):
+            decodes = (stage(np.flatnonzero(~token_in_plan), torch.long), stage(slots[~in_plan], torch.long))
+        penalised = None
+        rows = np.flatnonzero(self.sampling_params.uses_penalties[token_slots])
+        if len(rows):
+            is_prompt = positions[rows] < self.sampling_params.num_prompt_tokens[token_slots[rows]]
+            penalised = (stage(rows, torch.long), token_slots[rows], is_prompt)
+
         sampled_slots = slots[sample]
-        sample_rows = cu_seqlens[1:][sample] - 1
-        return StepInputs(
-            input_ids=input_ids,
-            positions=torch.from_numpy(positions).to(device),
-            meta=meta,
-            sample_indices=torch.from_numpy(sample_rows).to(device),
+        sampling = self.sampling_params.gather(sampled_slots, seq_lens[sample], as_tensor=stage)
+        sp = self.sampling_params
+        inputs = StepInputs(
+            input_ids=ids,
+            positions=stage(positions, torch.long),
+            meta=AttentionMetadata(
+                slot_mapping=stage(slot_mapping, torch.long),
+                query_start_loc=stage(cu_seqlens, torch.int32),
+                seq_lens=stage(seq_lens, torch.int32),
+                block_tables=stage(slots, torch.long),  # the rows to gather, replaced in _finish_inputs
+                max_query_len=int(counts.max()),
+                max_seq_len=int(seq_lens.max()),
+                query_start_loc_cpu=cu_seqlens.tolist(),
+                seq_lens_cpu=seq_lens.tolist(),
+            ),
+            sample_indices=stage(cu_seqlens[1:][sample] - 1, torch.long),
             sampled_slots=sampled_slots.astype(np.int32),
-            sampling=self.sampling_params.gather(sampled_slots, seq_lens[sample]),
+            sampling=sampling,
             prompt_logprobs=self._prompt_logprob_inputs(plan, cu_seqlens),
+            sampled_index=stage(sampled_slots, torch.long),
+            logprob_index=stage(sampling.logprob_rows, torch.long),
+            penalty_index=stage(sampling.penalty_rows, torch.long),
+            sampler_plan=plan_sampling(sp.temperature[sampled_slots], sp.top_p[sampled_slots],
+                                       sp.top_k[sampled_slots], sp.min_p[sampled_slots], sp.has_seed[sampled_slots],
+                                       self.vocab_size, lambda rows: stage(rows, torch.long)),
         )
+        return inputs, num_tokens, max_blocks, ids, decodes, penalised
+
+    def _finish_inputs(self, inputs: StepInputs, num_tokens: int, max_blocks: int, ids, decodes,
+                       penalised) -> StepInputs:
+        """The device side of the step's inputs, enqueued after the upload."""
+        row_slots = inputs.meta.block_tables
+        inputs.meta.block_tables = self.block_tables_device[:, :max_blocks].index_select(0, row_slots)
+        if decodes is None:
+            inputs.input_ids = ids
+        elif ids is None:
+            inputs.input_ids = self.last_token.index_select(0, decodes[1])
+        else:
+            ids[decodes[0]] = self.last_token.index_select(0, decodes[1])
+            inputs.input_ids = ids
+        if penalised is not None:
+            rows, token_slots, is_prompt = penalised
+            self.penalties.observe(inputs.input_ids[rows], token_slots, is_prompt)
+        return inputs
 
     def _prompt_logprob_inputs(self, plan: StepPlan, cu_seqlens: np.ndarray) -> PromptLogprobInputs | None:
         """Entry e flagged RUN_PROMPT_LOGPROBS with count c: its first c rows predict the next c prompt tokens."""
@@ -209,11 +263,14 @@ class BatchState:
         first_row = np.repeat(cu_seqlens[flagged], counts)
         rows = first_row + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
         num_top = int(self.sampling_params.num_prompt_logprobs[plan.run_slots[flagged]].max())
-        return PromptLogprobInputs(rows=torch.from_numpy(rows).to(self.device),
-                                   token_ids=torch.from_numpy(plan.prompt_logprob_token_ids.astype(np.int64)).to(self.device),
+        return PromptLogprobInputs(rows=self.uploads.stage(rows, torch.long),
+                                   token_ids=self.uploads.stage(plan.prompt_logprob_token_ids, torch.long),
                                    num_top=max(num_top, 0))
 
-    def record_sampled(self, slots: np.ndarray, token_ids: torch.Tensor) -> None:
+    def record_sampled(self, slots: np.ndarray, token_ids: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """token_ids (on the device) were sampled at slots; index: slots as an int64 device tensor, when at hand."""
         if len(slots):
-            self.last_token[torch.from_numpy(slots.astype(np.int64)).to(self.device)] = token_ids
+            if index is None:
+                index = torch.from_numpy(slots.astype(np.int64)).to(self.device)
+            self.last_token[index] = token_ids
             self.has_last_token[slots] = True

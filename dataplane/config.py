@@ -12,6 +12,7 @@ class DataPlaneConfig:
     load_format: str = "auto"  # auto | dummy (random weights from config.json alone, for benchmarks)
     host: str = "127.0.0.1"
     port: int = 50061
+    shm_socket: str = "auto"  # Unix socket of same-host shared-memory step sessions; auto | off | a path
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     block_size: int = 16
@@ -66,6 +67,9 @@ HELP = {
     "load_format": "auto (weights from the checkpoint) or dummy (random weights of config.json's architecture)",
     "host": "address the DataPlane gRPC service listens on",
     "port": "port the DataPlane gRPC service listens on (0 = pick a free one)",
+    "shm_socket": "Unix socket on which control planes on this host open shared-memory step sessions (advertised "
+                  "in Describe): auto (a private temporary directory), off, or a path (shared with a control plane "
+                  "in another container through a volume)",
     "device": "auto, cpu, cuda or cuda:N",
     "dtype": "weights and KV cache dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16",
     "block_size": "tokens per KV cache block",

@@ -66,6 +66,13 @@ def gather_to_rank0(x: torch.Tensor) -> list[torch.Tensor] | None:
     return parts
 
 
+def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's x, copied in place into x on every other rank; a no-op on a single rank."""
+    if get_tp_size() > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
 def min_over_ranks(value: int, device: torch.device) -> int:
     """The smallest of every rank's value (ranks must agree on sizes such as the KV cache's block count)."""
     if get_tp_size() == 1:

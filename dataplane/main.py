@@ -32,7 +32,7 @@ def run(config: DataPlaneConfig, ready_file: str | None = None) -> int:
     close_runner = getattr(runner, "close", lambda: None)  # stops the other tensor-parallel ranks
     try:
         server, port, health_servicer = build_server(runner, config.host, config.port, server_credentials(config),
-                                                     grpc_server_options(config))
+                                                     grpc_server_options(config), config.shm_socket)
         health_server = None
         if config.health_port:
             health_server, _ = build_health_server(health_servicer, config.host, config.health_port)
@@ -46,6 +46,7 @@ def run(config: DataPlaneConfig, ready_file: str | None = None) -> int:
         health_server.start()
     set_serving(health_servicer, True)  # weights loaded, KV cache allocated
     log.info("data plane serving", address=f"{config.host}:{port}", tls=bool(config.tls_cert),
+             shm_socket=server.shm.path if server.shm else None,
              mutual_tls=bool(config.tls_client_ca), health_port=config.health_port or None)
     if ready_file:  # tells a parent process which port was picked; rename so it never reads half a file
         with open(ready_file + ".tmp", "w") as f:

@@ -1,8 +1,13 @@
 """ModelRunner: loads the model, sizes the KV cache, and executes StepPlans.
 
-One `execute(plan)` = fold the plan's deltas into the persistent batch, run the
-model over the scheduled tokens, sample the rows that finish their chunk, and
-return the sampled ids. The control plane decides everything else.
+One step = fold the plan's deltas into the persistent batch, run the model over the
+scheduled tokens, sample the rows that finish their chunk, and return the sampled
+ids. The control plane decides everything else. `launch(plan)` enqueues the whole step
+on the device (inputs built there from one packed upload, graph replay or eager
+forward, sampling, one non_blocking copy of the outputs into pinned memory) without
+waiting for it, so plan N+1 can be launched while N runs: its decode inputs are N's
+samples, already on the device. `PendingStep.result()` waits for the copy.
+`execute(plan)` is `launch(plan).result()`. On CPU the step simply runs at launch.
 
 Under tensor parallelism every rank builds its own ModelRunner over its shard and
 executes the same plans (dataplane/tp_group.py hands them out); only rank 0 samples,
@@ -14,7 +19,6 @@ import importlib
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import structlog
 import torch
 
@@ -27,6 +31,7 @@ from dataplane.distributed import get_tp_rank, get_tp_size, min_over_ranks, rank
 from dataplane.kv_cache import allocate_kv_cache, bind_kv_cache, num_blocks_for_bytes
 from dataplane.layers.attention import set_attention_backend
 from dataplane.layers.sampler import Sampler
+from dataplane.host_transfer import Downloads, PendingCopy
 from dataplane.logprobs import PROMPT_ROWS_PER_CHUNK
 from dataplane.sampling_step import SamplingStep
 from dataplane.loader import load_dummy_model, load_model
@@ -119,7 +124,8 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, config.block_size, self.dtype, self.device)
         bind_kv_cache(self.model, self.kv_cache)
         self.batch = BatchState(config.max_num_seqs, self.max_blocks_per_seq, config.block_size, self.num_blocks,
-                                self.max_model_len, mc.vocab_size, self.device)
+                                self.max_model_len, mc.vocab_size, self.device, config.max_num_batched_tokens)
+        self.downloads = Downloads(self.device, capacity_words=2 * config.max_num_seqs)
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampling = SamplingStep(self.model, self.batch, self.sampler, self.generator)
@@ -203,27 +209,52 @@ class ModelRunner:
         """Forget every sequence: a new control-plane stream starts from an empty batch."""
         self.batch.reset()
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.launch(plan).result()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> "PendingStep":
+        """Enqueues the step; nothing here waits for the device (tests/dataplane/test_pipelined_steps.py
+        checks that under torch.cuda.set_sync_debug_mode("error"))."""
         if plan.run_num_tokens.sum() > self.config.max_num_batched_tokens:
             raise PlanError(f"plan {plan.step_id} runs more than max_num_batched_tokens "
                             f"({self.config.max_num_batched_tokens}) tokens")
         inputs = self.batch.apply(plan)
         if inputs is None:
-            return StepResult(step_id=plan.step_id)
+            return PendingStep(StepResult(step_id=plan.step_id))
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
         else:
             with forward_context(inputs.meta):
                 hidden = self.model(inputs.input_ids, inputs.positions)
-        if self.tp_rank == 0:
-            return self.sampling.run(plan.step_id, hidden, inputs)
-        _join_logit_gathers(self.model, hidden, inputs)
-        return StepResult(step_id=plan.step_id)
+        if self.tp_rank != 0:
+            _join_logit_gathers(self.model, hidden, inputs)
+            self.sampling.receive_leader_samples(inputs)
+            return PendingStep(StepResult(step_id=plan.step_id))
+        outputs = self.sampling.run(hidden, inputs)
+        result = StepResult(step_id=plan.step_id)
+        if "token_ids" in outputs:
+            result.slots = inputs.sampled_slots
+        if "logprobs" in outputs:
+            result.logprob_rows = inputs.sampling.logprob_rows.astype("<i4")
+        return PendingStep(result, self.downloads.start(outputs) if outputs else None)
 
-    def record_leader_samples(self, slots: np.ndarray, token_ids: np.ndarray) -> None:
-        """On ranks > 0: the ids rank 0 sampled last step, which the next decode step feeds in."""
-        self.batch.record_sampled(slots, torch.from_numpy(token_ids.astype(np.int64)).to(self.device))
+
+class PendingStep:
+    """A launched step; result() waits for its outputs to reach the host (once) and returns them."""
+
+    __slots__ = ("_result", "_copy")
+
+    def __init__(self, result: StepResult, copy: PendingCopy | None = None):
+        self._result = result
+        self._copy = copy
+
+    def result(self) -> StepResult:
+        if self._copy is not None:
+            for name, array in self._copy.arrays().items():
+                setattr(self._result, name, array)
+            self._copy = None
+        return self._result
 
 
 def _join_logit_gathers(model: torch.nn.Module, hidden: torch.Tensor, inputs: StepInputs) -> None:

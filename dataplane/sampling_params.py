@@ -92,10 +92,11 @@ class SlotSamplingParams:
         column = np.arange(len(stop_ids)) - np.repeat(np.cumsum(counts) - counts, counts)
         self.stop_ids[new[owner], column] = stop_ids
 
-    def gather(self, slots: np.ndarray, positions: np.ndarray) -> SamplingInputs:
-        """The inputs of rows sampling at `slots`, the token being sampled at `positions`."""
+    def gather(self, slots: np.ndarray, positions: np.ndarray, as_tensor=None) -> SamplingInputs:
+        """The inputs of rows sampling at `slots`, the token being sampled at `positions`.
+        as_tensor(array, dtype) may be a packed upload whose data lands later: launch no device op here."""
         device = self.device
-        as_tensor = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt)  # noqa: E731
+        as_tensor = as_tensor or (lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt))
         penalty_rows = np.flatnonzero(self.uses_penalties[slots])
         penalty_slots = slots[penalty_rows]
         # min_tokens: rows that have produced fewer outputs than that ban their stop ids
@@ -106,12 +107,12 @@ class SlotSamplingParams:
         logprob_rows = np.flatnonzero(self.num_logprobs[slots] >= 0)
         # one host-to-device copy per dtype, not one per parameter
         floats = as_tensor(np.stack([self.temperature[slots], self.top_p[slots], self.min_p[slots]]), torch.float32)
-        ints = as_tensor(np.stack([self.top_k[slots], self.seed[slots], self.has_seed[slots], positions]), torch.long)
+        ints = as_tensor(np.stack([self.top_k[slots], self.seed[slots], positions]), torch.long)
         penalties = as_tensor(np.stack([self.repetition_penalty[penalty_slots], self.presence_penalty[penalty_slots],
                                         self.frequency_penalty[penalty_slots]]), torch.float32)
         return SamplingInputs(
             temperature=floats[0], top_p=floats[1], min_p=floats[2],
-            top_k=ints[0], seed=ints[1], has_seed=ints[2].bool(), positions=ints[3],
+            top_k=ints[0], seed=ints[1], has_seed=as_tensor(self.has_seed[slots], torch.bool), positions=ints[2],
             penalty_rows=penalty_rows,
             penalty_slots=as_tensor(penalty_slots, torch.long),
             repetition_penalty=penalties[0], presence_penalty=penalties[1], frequency_penalty=penalties[2],

@@ -1,7 +1,8 @@
-"""The DataPlane gRPC service: a thin servicer over ModelRunner, plus health and reflection.
+"""The DataPlane gRPC service: a thin servicer over ModelRunner, plus health, reflection and shm sessions.
 
-Step is a bidi stream: one StepResult per StepPlan, in order. Opening a stream resets
-the batch, and only one control plane may hold a stream at a time.
+Step is a bidi stream: one StepResult per StepPlan, in order, run by dataplane/step_loop.py.
+Opening a stream resets the batch, and only one control plane may hold a step session
+(this stream or a shared-memory session, dataplane/shm_server.py) at a time.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dataplane.batch_state import PlanError
 from dataplane.runner import ModelRunner
+from dataplane.shm_server import ShmSessionServer
+from dataplane.step_loop import BUSY, SESSION_WAIT_S, PlanRejected, QueuedPlanSource, run_steps
 from proto.nanoplane.v1 import dataplane_pb2, dataplane_pb2_grpc
 from proto.step import decode_plan, encode_result
 from proto.transport import server_options
@@ -26,57 +28,82 @@ MAX_MESSAGE_BYTES = 256 * 2**20
 
 
 class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServicer):
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, session_lock: threading.Lock | None = None,
+                 shm: ShmSessionServer | None = None):
         self.runner = runner
-        self._stream_lock = threading.Lock()
+        self.session_lock = session_lock or threading.Lock()
+        self.shm = shm
 
     def Describe(self, request, context):
         f = self.runner.facts()
+        shm = dict(host_id=self.shm.host_id, shm_socket=self.shm.path, shm_ticket=self.shm.ticket) if self.shm else {}
         return dataplane_pb2.DataPlaneInfo(
             model_name=f.model_name, model_path=f.model_path, architecture=f.architecture,
             vocab_size=f.vocab_size, max_model_len=f.max_model_len, block_size=f.block_size,
             num_kv_blocks=f.num_kv_blocks, max_num_seqs=f.max_num_seqs,
             max_num_batched_tokens=f.max_num_batched_tokens, eos_token_ids=f.eos_token_ids, dtype=f.dtype,
-            device=f.device, attention_backend=f.attention_backend, kv_bytes_per_token=f.kv_bytes_per_token)
+            device=f.device, attention_backend=f.attention_backend, kv_bytes_per_token=f.kv_bytes_per_token, **shm)
 
     def Step(self, request_iterator, context):
-        if not self._stream_lock.acquire(blocking=False):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "another control plane holds the Step stream of this data plane; "
-                          "a data plane serves one control plane at a time")
+        if not self.session_lock.acquire(timeout=SESSION_WAIT_S):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, BUSY)
         try:
             self.runner.reset()
-            log.info("control plane connected", peer=context.peer())
-            for pb_plan in request_iterator:
-                try:
-                    plan = decode_plan(pb_plan)
-                    # joined with the control plane's "sequence entered slot" lines by step_id and slot
-                    if len(plan.new_slots) or len(plan.drop_slots):
-                        log.info("batch changed", step_id=plan.step_id, new_slots=plan.new_slots.tolist(),
-                                 drop_slots=plan.drop_slots.tolist())
-                    result = self.runner.execute(plan)
-                except (PlanError, ValueError) as e:
-                    log.error("rejected step plan", step_id=pb_plan.step_id, error=str(e))
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step plan {pb_plan.step_id} rejected: {e}")
-                yield encode_result(result, dataplane_pb2.StepResult)
+            log.info("control plane connected", peer=context.peer(), transport="grpc")
+            source = QueuedPlanSource(request_iterator, decode_plan, lambda pb: pb.step_id)
+            try:
+                for result in run_steps(self.runner, source):
+                    yield encode_result(result, dataplane_pb2.StepResult)
+            except PlanRejected as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             log.info("control plane disconnected", peer=context.peer())
         finally:
             self.runner.reset()
-            self._stream_lock.release()
+            self.session_lock.release()
+
+
+class DataPlaneServer:
+    """The gRPC server and the shared-memory session server, started and stopped together (a grpc.Server
+    otherwise: other attributes pass through)."""
+
+    def __init__(self, grpc_server: grpc.Server, shm: ShmSessionServer | None):
+        self.grpc_server, self.shm = grpc_server, shm
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        if self.shm is not None:
+            self.shm.start()
+
+    def stop(self, grace: float | None):
+        if self.shm is not None:
+            self.shm.stop()
+        return self.grpc_server.stop(grace)
+
+    def __getattr__(self, name):
+        return getattr(self.grpc_server, name)
 
 
 def build_server(runner: ModelRunner, host: str, port: int, credentials: grpc.ServerCredentials | None = None,
-                 options: list[tuple[str, int]] | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """credentials None = plaintext; options (dataplane.security.grpc_server_options) default to the defaults' sizes."""
+                 options: list[tuple[str, int]] | None = None,
+                 shm_socket: str = "auto") -> tuple[DataPlaneServer, int, health.HealthServicer]:
+    """credentials None = plaintext; options (dataplane.security.grpc_server_options) default to the defaults' sizes;
+    shm_socket: the Unix socket of shared-memory sessions ("auto" = a private temporary one, "off" = none)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
                          options=options if options is not None else server_options(MAX_MESSAGE_BYTES, 10.0, 5.0))
-    dataplane_pb2_grpc.add_DataPlaneServicer_to_server(DataPlaneServicer(runner), server)
+    session_lock = threading.Lock()
+    shm = ShmSessionServer(runner, session_lock, shm_socket) if shm_socket != "off" else None
+    dataplane_pb2_grpc.add_DataPlaneServicer_to_server(DataPlaneServicer(runner, session_lock, shm), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    bound = listen(server, f"{host}:{port}", credentials)
-    return server, bound, health_servicer
+    try:
+        bound = listen(server, f"{host}:{port}", credentials)
+    except RuntimeError:
+        if shm is not None:
+            shm.stop()
+        raise
+    return DataPlaneServer(server, shm), bound, health_servicer
 
 
 def listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:

@@ -33,10 +33,11 @@ from proto.step import StepPlan, StepResult
 log = structlog.get_logger("dataplane.tp_group")
 
 STOP_TIMEOUT_S = 30.0
+_NO_IDS = np.zeros(0, np.int32)  # the message's sampled-ids arrays: unused since ids travel by broadcast
 
 
 def start_runner(config: DataPlaneConfig):
-    """-> ModelRunner (TP 1) or TensorParallelRunner (which also has close); both execute, reset and facts."""
+    """-> ModelRunner (TP 1) or TensorParallelRunner (which also has close); both launch, execute, reset, facts."""
     from dataplane.runner import ModelRunner
 
     if config.tensor_parallel_size == 1:
@@ -132,8 +133,7 @@ class TensorParallelRunner:
     def __init__(self, group: TensorParallelGroup, runner):
         self.group = group
         self.runner = runner
-        self._lock = threading.Lock()  # one message in the segment at a time; close waits for a step in flight
-        self._sampled = (np.zeros(0, np.int32), np.zeros(0, np.int32))
+        self._lock = threading.Lock()  # one message in the segment at a time; close waits for a step being launched
 
     def facts(self):
         return self.runner.facts()
@@ -142,14 +142,16 @@ class TensorParallelRunner:
         with self._lock:
             self.group.publish(RESET)
             self.runner.reset()
-            self._sampled = (np.zeros(0, np.int32), np.zeros(0, np.int32))
+
+    def launch(self, plan: StepPlan):
+        """Rank 0's launch, after the plan went to the other ranks. They need no ids from the host: rank 0
+        broadcasts what it samples on the device (dataplane/sampling_step.py), so steps may overlap."""
+        with self._lock:
+            self.group.publish(EXECUTE, encode_execute(plan, _NO_IDS, _NO_IDS))
+            return self.runner.launch(plan)
 
     def execute(self, plan: StepPlan) -> StepResult:
-        with self._lock:
-            self.group.publish(EXECUTE, encode_execute(plan, *self._sampled))
-            result = self.runner.execute(plan)
-            self._sampled = (result.slots, result.token_ids)
-            return result
+        return self.launch(plan).result()
 
     def close(self) -> None:
         with self._lock:

@@ -3,7 +3,8 @@
 Spawned by dataplane/tp_group.py, one process per GPU. It joins the process group,
 builds its ModelRunner (which loads its shard, sizes the KV cache and captures CUDA
 graphs in step with rank 0), then runs every plan rank 0 publishes: the same model
-step, joining the collectives; rank 0 alone samples and answers the control plane.
+step, joining the collectives; rank 0 alone samples and answers the control plane, and
+broadcasts the sampled ids on the device, which this rank's next decode step reads.
 It exits on STOP, and at once when rank 0's process is gone (it may be blocked in a
 collective that will never complete, so a thread watches the parent's pid).
 """
@@ -63,7 +64,6 @@ def serve(runner, receiver: PlanReceiver) -> None:
         if message.kind == RESET:
             runner.reset()
         elif message.kind == EXECUTE:
-            runner.record_leader_samples(message.sampled_slots, message.sampled_token_ids)
             try:
                 runner.execute(message.plan)
             except (PlanError, ValueError) as e:  # before any collective: rank 0 should reject it too, then reset

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,9 @@ import grpc
 from client import Client
 
 ROOT = Path(__file__).resolve().parents[1]
+# the control plane's --transport in these stacks: auto picks shared memory (same host); CI runs grpc too
+TRANSPORT = os.environ.get("NANOPLANE_TEST_TRANSPORT", "auto")
+TRANSPORTS = ["grpc", "shm"]  # what the end-to-end suites are parametrised over
 
 
 class InProcessControlPlane:
@@ -26,15 +30,15 @@ class InProcessControlPlane:
     scheduler's block counts); control_plane_options: ControlPlaneConfig fields; client_options: Client keywords."""
 
     def __init__(self, dataplane_target: str, tokenizer: str, control_plane_options: dict | None = None,
-                 client_options: dict | None = None):
+                 client_options: dict | None = None, transport: str | None = None):
         from controlplane.config import ControlPlaneConfig
         from controlplane.main import start_control_plane
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        config = ControlPlaneConfig(port=0, dataplane=dataplane_target, tokenizer=tokenizer,
-                                    **(control_plane_options or {}))
+        config = ControlPlaneConfig(dataplane=dataplane_target, tokenizer=tokenizer,
+                                    **{"port": 0, "transport": transport or TRANSPORT, **(control_plane_options or {})})
         config.validate()
         self.control_plane = asyncio.run_coroutine_threadsafe(start_control_plane(config), self.loop).result(120)
         self.target = f"127.0.0.1:{self.control_plane.port}"
@@ -50,6 +54,14 @@ class InProcessControlPlane:
 
     def num_free_blocks(self) -> int:
         return self.scheduler.block_manager.num_free_blocks
+
+    def metric(self, sample: str) -> float:
+        """One sample of the control plane's metrics by `name` or `name{label="value"}` (model_name left out)."""
+        for line in self.control_plane.registry.render().splitlines():
+            name_labels, _, value = line.rpartition(" ")
+            if re.sub(r'model_name="[^"]*",?', "", name_labels).replace("{}", "") == sample:
+                return float(value)
+        raise KeyError(f"no metric sample {sample}")
 
     def wait_idle(self, timeout_s: float = 10.0) -> None:
         """Waits until the engine thread has processed every abort and finish."""
@@ -71,7 +83,7 @@ class InProcessStack(InProcessControlPlane):
     """Both planes in this process. dataplane_credentials: the data plane server's TLS (grpc.ServerCredentials)."""
 
     def __init__(self, model: str, control_plane_options: dict | None = None, dataplane_credentials=None,
-                 client_options: dict | None = None, **dataplane_options):
+                 client_options: dict | None = None, transport: str | None = None, **dataplane_options):
         from dataplane.config import DataPlaneConfig
         from dataplane.runner import ModelRunner
         from dataplane.server import build_server, set_serving
@@ -81,7 +93,7 @@ class InProcessStack(InProcessControlPlane):
         self.dp_server, self.dp_port, health = build_server(self.runner, "127.0.0.1", 0, dataplane_credentials)
         self.dp_server.start()
         set_serving(health, True)
-        super().__init__(f"127.0.0.1:{self.dp_port}", model, control_plane_options, client_options)
+        super().__init__(f"127.0.0.1:{self.dp_port}", model, control_plane_options, client_options, transport)
 
     def close(self) -> None:
         super().close()
@@ -158,7 +170,7 @@ class ProcessStack:
         cp_log = open(log_dir / "controlplane.log", "w")
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "controlplane.cli", "controlplane", "--dataplane", f"127.0.0.1:{self.dp_port}",
-             "--port", str(self.cp_port)], env=env, stdout=cp_log, stderr=subprocess.STDOUT))
+             "--port", str(self.cp_port), "--transport", TRANSPORT], env=env, stdout=cp_log, stderr=subprocess.STDOUT))
         wait_for_port(self.cp_port, self.procs[1], 300)
         self.target = f"127.0.0.1:{self.cp_port}"
 

@@ -10,12 +10,12 @@ import pytest
 
 from client import InvalidArgumentError, SamplingParams
 from proto.nanoplane.v1 import generation_pb2
-from tests.stack import InProcessStack
+from tests.stack import TRANSPORTS, InProcessStack
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_model_dir):
-    s = InProcessStack(str(tiny_model_dir("qwen3")), block_size=16, num_kv_blocks=64)
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def stack(tiny_model_dir, request):
+    s = InProcessStack(str(tiny_model_dir("qwen3")), block_size=16, num_kv_blocks=64, transport=request.param)
     yield s
     s.close()
 
@@ -56,6 +56,7 @@ def test_tokenize_and_model_info(stack):
     assert len(chat_ids) > len(stack.client.tokenize("Hi"))
     info = stack.client.model_info()
     assert info.architecture == "qwen3" and info.block_size == 16
+    assert stack.control_plane.model_info.dataplane_transport in ("grpc", "shm")  # what GetModelInfo returns
     assert info.kv_capacity_tokens == 64 * 16 and info.max_model_len > 0
 
 

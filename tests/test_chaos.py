@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import Client, SamplingParams, UnavailableError
-from tests.stack import DataPlaneProcess, InProcessControlPlane
+from tests.stack import TRANSPORTS, DataPlaneProcess, InProcessControlPlane
 
 NUM_STREAMS = 32
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
@@ -32,10 +32,11 @@ def dataplane(tiny_model_dir, tmp_path_factory):
     dp.close()
 
 
-@pytest.fixture(scope="module")
-def stack(dataplane, tiny_model_dir):
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def stack(dataplane, tiny_model_dir, request):
     s = InProcessControlPlane(dataplane.target, str(tiny_model_dir("qwen3")),
-                              dict(dataplane_health_interval_s=0.5))
+                              dict(dataplane_health_interval_s=0.5), transport=request.param)
+    assert s.control_plane.model_info.dataplane_transport == request.param
     yield s
     s.close()
 

@@ -7,7 +7,7 @@ import pytest
 
 from client import SamplingParams
 from tests.hf_reference import hf_greedy
-from tests.stack import InProcessStack
+from tests.stack import TRANSPORTS, InProcessStack
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -22,10 +22,11 @@ def generate_all(stack, prompts, max_tokens):
         return list(pool.map(lambda p: stack.client.generate(p, params), prompts))
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
-def test_concurrent_greedy_matches_hf(arch, tiny_model_dir):
+def test_concurrent_greedy_matches_hf(arch, transport, tiny_model_dir):
     path = tiny_model_dir(arch)
-    stack = InProcessStack(str(path), block_size=16)
+    stack = InProcessStack(str(path), block_size=16, transport=transport)
     try:
         start_free = stack.num_free_blocks()
         rng = np.random.default_rng(1)

@@ -88,4 +88,4 @@ def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, output_coun
 def ban_tokens(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
     """In place: logits[rows[i], token_ids[i]] = -inf (min_tokens keeps EOS and stop ids out)."""
     if rows.numel():
-        logits.index_put_((rows, token_ids), torch.tensor(float("-inf"), device=logits.device))
+        logits[rows, token_ids] = float("-inf")  # a scalar: no host tensor to copy over

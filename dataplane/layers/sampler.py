@@ -9,10 +9,16 @@ generator. A seeded row's E is a counter-based stream: a 32-bit integer hash of
 (token id, key) with key = hash64(seed, position), so its tokens do not depend on the
 rest of the batch, on scheduling or preemption, or on the device (integer ops give
 the same bits on CPU and GPU), and all seeded rows are drawn in one vectorised pass.
-The runner calls `sample` after compute_logits, with the params BatchState gathered.
+The runner calls `sample` after compute_logits, with the params BatchState gathered and
+the `SamplerPlan` it decided on the host: which rows are greedy, filtered or seeded, so
+nothing here waits on the device (no .tolist(), no nonzero()).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
 import torch
 
 GREEDY_TEMPERATURE = 1e-5
@@ -20,44 +26,72 @@ _MASK32 = (1 << 32) - 1
 _MASK64 = (1 << 64) - 1
 
 
+@dataclass(slots=True)
+class SamplerPlan:
+    """What `sample` needs to know about its rows before it runs, decided on the host from the
+    params (BatchState holds them in numpy), so that sampling never reads the device back."""
+
+    all_greedy: bool
+    all_seeded: bool  # every row is greedy or seeded: no draws from the generator
+    any_min_p: bool
+    filter_rows: torch.Tensor | None  # i64 rows that min-p, top-k or top-p filter; None when no row does
+    filter_all: bool  # filter_rows is every row
+    seeded_rows: torch.Tensor | None  # i64 rows drawn from their seed; None when none is
+
+
+def plan_sampling(temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, min_p: np.ndarray,
+                  has_seed: np.ndarray, vocab_size: int, as_index: Callable[[np.ndarray], torch.Tensor]) -> SamplerPlan:
+    """The per-row params as numpy arrays; as_index turns a numpy row set into a device tensor."""
+    greedy = temperature.astype(np.float32) < np.float32(GREEDY_TEMPERATURE)
+    needs_filter = ~greedy & (((top_k > 0) & (top_k < vocab_size)) | (top_p < 1.0) | (min_p > 0.0))
+    seeded = has_seed.astype(bool) & ~greedy
+    filter_rows, seeded_rows = np.flatnonzero(needs_filter), np.flatnonzero(seeded)
+    return SamplerPlan(
+        all_greedy=bool(greedy.all()), all_seeded=bool((seeded | greedy).all()),
+        any_min_p=bool((~greedy & (min_p > 0.0)).any()),
+        filter_rows=as_index(filter_rows) if len(filter_rows) else None,
+        filter_all=len(filter_rows) == len(greedy),
+        seeded_rows=as_index(seeded_rows) if len(seeded_rows) else None)
+
+
 class Sampler:
     def sample(self, logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
                seed: torch.Tensor, has_seed: torch.Tensor, positions: torch.Tensor,
-               generator: torch.Generator | None = None, min_p: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, min_p: torch.Tensor | None = None,
+               plan: SamplerPlan | None = None) -> torch.Tensor:
         """logits [N, V]; per row: temperature f32, top_p f32, top_k i32 (-1 = off),
         seed i64, has_seed bool, positions i64 (index of the token being sampled),
-        min_p f32 (0 = off; None = all off).
+        min_p f32 (0 = off; None = all off). plan: the rows' plan_sampling; without it,
+        sample reads the params back to the host to make it (a device sync).
         Returns the sampled ids, int64 [N], on the logits' device."""
         logits = logits.float()
         device, vocab_size = logits.device, logits.shape[-1]
         temperature, top_p, top_k = temperature.to(device), top_p.to(device), top_k.to(device)
         min_p = torch.zeros_like(top_p) if min_p is None else min_p.to(device)
+        if plan is None:
+            host = lambda t: t.cpu().numpy()  # noqa: E731
+            plan = plan_sampling(host(temperature), host(top_p), host(top_k), host(min_p), host(has_seed), vocab_size,
+                                 lambda rows: torch.from_numpy(rows).to(device))
         greedy = temperature < GREEDY_TEMPERATURE
         greedy_ids = logits.argmax(dim=-1)
-        needs_filter = ~greedy & (((top_k > 0) & (top_k < vocab_size)) | (top_p < 1.0) | (min_p > 0.0))
-        seeded = has_seed.to(device) & ~greedy
-        # every decision below in one device-to-host sync
-        all_greedy, any_filter, any_min_p, any_seeded, all_seeded = torch.stack(
-            [greedy.all(), needs_filter.any(), (~greedy & (min_p > 0.0)).any(), seeded.any(),
-             (seeded | greedy).all()]).tolist()
-        if all_greedy:
+        if plan.all_greedy:
             return greedy_ids
 
         scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
-        if any_filter:
-            rows = needs_filter.nonzero().squeeze(1)
-            if len(rows) == len(scaled):
-                scaled = apply_top_k_top_p(apply_min_p(scaled, min_p) if any_min_p else scaled, top_k, top_p)
+        if plan.filter_rows is not None:
+            if plan.filter_all:
+                scaled = apply_top_k_top_p(apply_min_p(scaled, min_p) if plan.any_min_p else scaled, top_k, top_p)
             else:
-                picked = apply_min_p(scaled[rows], min_p[rows]) if any_min_p else scaled[rows]
+                rows = plan.filter_rows
+                picked = apply_min_p(scaled[rows], min_p[rows]) if plan.any_min_p else scaled[rows]
                 scaled[rows] = apply_top_k_top_p(picked, top_k[rows], top_p[rows])
         probs = scaled.softmax(dim=-1)
 
         noise = torch.ones_like(probs)  # what greedy rows keep when every other row is seeded
-        if not all_seeded:
+        if not plan.all_seeded:
             noise = _unseeded_noise(probs.shape, device, generator)
-        if any_seeded:
-            rows = seeded.nonzero().squeeze(1)
+        if plan.seeded_rows is not None:
+            rows = plan.seeded_rows
             keys = mix_seeds(seed.to(device)[rows], positions.to(device)[rows])
             noise[rows] = seeded_noise(keys, vocab_size, device)
         # Exp(1) can return exactly 0 in float32; 0/0 would be NaN and win the argmax

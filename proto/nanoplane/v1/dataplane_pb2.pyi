@@ -10,7 +10,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DataPlaneInfo(_message.Message):
-    __slots__ = ("model_name", "model_path", "architecture", "vocab_size", "max_model_len", "block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "eos_token_ids", "dtype", "device", "attention_backend", "kv_bytes_per_token")
+    __slots__ = ("model_name", "model_path", "architecture", "vocab_size", "max_model_len", "block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "eos_token_ids", "dtype", "device", "attention_backend", "kv_bytes_per_token", "host_id", "shm_socket", "shm_ticket")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,9 @@ class DataPlaneInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    SHM_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    SHM_TICKET_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_path: str
     architecture: str
@@ -39,7 +42,10 @@ class DataPlaneInfo(_message.Message):
     device: str
     attention_backend: str
     kv_bytes_per_token: int
-    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ...) -> None: ...
+    host_id: str
+    shm_socket: str
+    shm_ticket: bytes
+    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., host_id: _Optional[str] = ..., shm_socket: _Optional[str] = ..., shm_ticket: _Optional[bytes] = ...) -> None: ...
 
 class StepPlan(_message.Message):
     __slots__ = ("step_id", "drop_slots", "new_slots", "new_num_cached_tokens", "new_temperature", "new_top_p", "new_top_k", "new_seed", "new_has_seed", "block_slots", "block_indices", "block_ids", "run_slots", "run_num_tokens", "run_flags", "token_ids", "new_num_prompt_tokens", "new_min_p", "new_repetition_penalty", "new_presence_penalty", "new_frequency_penalty", "new_min_tokens", "new_num_logprobs", "new_num_prompt_logprobs", "new_num_stop_ids", "stop_ids", "cached_token_ids", "prompt_logprob_counts", "prompt_logprob_token_ids")

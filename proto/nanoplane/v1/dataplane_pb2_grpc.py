@@ -58,7 +58,8 @@ class DataPlaneServicer(object):
 
     def Step(self, request_iterator, context):
         """One StepResult per StepPlan, in order. Opening a stream resets the data
-        plane's batch state: a control plane that reconnects starts afresh.
+        plane's batch state: a control plane that reconnects starts afresh. On one
+        host the same messages may travel over shared memory instead (see host_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
