@@ -46,6 +46,9 @@ class _RingSlot:
         if self.event is not None:
             self.event.synchronize()
 
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
+
     def record(self) -> None:
         if self.event is not None:
             self.event.record()
@@ -122,6 +125,10 @@ class PendingCopy:
         self._slot = slot
         self._layout = layout
         self._arrays: dict[str, np.ndarray] | None = None
+
+    def ready(self) -> bool:
+        """Whether arrays() would return without waiting."""
+        return self._arrays is not None or self._slot.done()
 
     def arrays(self) -> dict[str, np.ndarray]:
         if self._arrays is None:

@@ -249,6 +249,10 @@ class PendingStep:
         self._result = result
         self._copy = copy
 
+    def ready(self) -> bool:
+        """Whether result() would return without waiting for the device."""
+        return self._copy is None or self._copy.ready()
+
     def result(self) -> StepResult:
         if self._copy is not None:
             for name, array in self._copy.arrays().items():

@@ -4,9 +4,13 @@
 handler (dataplane/server.py) and a shared-memory session (dataplane/shm_server.py) each
 wrap their receiving end in a PlanSource and send what it yields.
 
-Pipelining: when plan N+1 has already arrived by the time plan N is launched, N+1 is
-launched before N's result is waited for, so the device never idles between them
-(at most MAX_IN_FLIGHT steps launched and not yet answered). A runner without
+Pipelining: a plan that arrives while the step before it still runs on the device is
+launched at once, before that step's result is waited for, so the device never idles
+between them (at most MAX_IN_FLIGHT steps launched and not yet answered). The control
+plane sends plan N+1 before it reads result N, and N+2 while N+1 runs: so while a step
+runs, the loop polls for the next plan as well as for the step's outputs (PendingStep.ready),
+rather than blocking on the outputs and launching N+2 only after N+1 has finished, which
+would leave the device idle for a whole launch per step. A runner without
 `launch(plan) -> PendingStep` runs each plan to completion at launch.
 
 A plan the runner or the codec rejects (PlanError, ValueError) ends the session with
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from typing import Iterator, Protocol
 
@@ -28,6 +33,7 @@ from proto.step import StepPlan, StepResult
 log = structlog.get_logger("dataplane.step_loop")
 
 MAX_IN_FLIGHT = 2
+POLL_S = 20e-6  # between polls for the next plan while a step runs (Linux sleeps ~60-80 µs at least)
 END = object()  # what a PlanSource returns when the control plane ended the session
 SESSION_WAIT_S = 2.0  # a control plane that reconnects may come before its old session has ended
 BUSY = ("another control plane holds the step session of this data plane; "
@@ -53,6 +59,9 @@ class _Done:
 
     def __init__(self, result: StepResult):
         self._result = result
+
+    def ready(self) -> bool:
+        return True
 
     def result(self) -> StepResult:
         return self._result
@@ -92,11 +101,13 @@ def run_steps(runner, source: PlanSource) -> Iterator[StepResult]:
                 if plan is END:
                     return
                 in_flight.append((plan, _launch(runner, plan)))
-            if not ended and len(in_flight) < depth:
-                plan = source.next_plan(block=False)
+            while not ended and len(in_flight) < depth:
+                plan = _next_plan_before_ready(source, in_flight[0][1])
+                if plan is None:
+                    break  # the oldest step's outputs are on the host: answer it first
                 if plan is END:
                     ended = True
-                elif plan is not None:
+                else:
                     in_flight.append((plan, _launch(runner, plan)))
             yield _result(*in_flight.popleft())
     except PlanRejected as e:
@@ -105,6 +116,18 @@ def run_steps(runner, source: PlanSource) -> Iterator[StepResult]:
         raise
     finally:
         _drain(in_flight)  # a transport that stopped taking results (peer gone) leaves steps in flight
+
+
+def _next_plan_before_ready(source: PlanSource, pending):
+    """The next plan if one arrives before pending's outputs are ready (or END); None once they are."""
+    ready = getattr(pending, "ready", None)
+    while True:
+        plan = source.next_plan(block=False)
+        if plan is not None:
+            return plan
+        if ready is None or ready():
+            return None
+        time.sleep(POLL_S)
 
 
 def _drain(in_flight: deque) -> None:
