@@ -237,10 +237,14 @@ def main() -> None:
         info = {k: getattr(pb, k) for k in ("num_kv_blocks", "block_size", "max_num_seqs",
                                             "max_num_batched_tokens", "max_model_len", "kv_bytes_per_token")}
     try:
-        run_engine(dataplane, info, [prompts[0][:100]], [16], 0.6)  # warm-up: compile kernels, capture graphs
+        # warm-up, untimed: Triton compiles a kernel variant per new specialisation (e.g. a
+        # batch of 1, a multiple of 16, neither), on the first step that needs it
+        run_engine(dataplane, info, [prompts[0][:100]], [16], 0.6)
+        run_engine(dataplane, info, prompts[:33], [8] * 33, 0.6, PENALTIES if args.sampling == "penalties" else None)
         if args.profile_steps:
             profile(dataplane, info, prompts, max_tokens, args.profile_steps)
             return
+        print(f"timed run starts at {time.strftime('%H:%M:%S')}", file=sys.stderr)
         num_tokens, seconds = run_engine(dataplane, info, prompts, max_tokens, 0.6,
                                          PENALTIES if args.sampling == "penalties" else None)
     finally:

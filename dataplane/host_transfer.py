@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 DEPTH = 2  # steps in flight (dataplane/step_loop.py's MAX_IN_FLIGHT)
-_ALIGN = 8
+_ALIGN = 16  # Triton specialises kernels on 16-byte pointer alignment: staged arrays always have it
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
 _WORD = {torch.int32: np.dtype("<i4"), torch.float32: np.dtype("<f4")}
 
 
 def _host_buffer(num_bytes: int, device: torch.device, dtype=torch.uint8) -> torch.Tensor:
-    num_bytes = -(-num_bytes // _ALIGN) * _ALIGN  # whole int64 words, for Uploads' typed views
+    num_bytes = -(-num_bytes // _ALIGN) * _ALIGN  # whole aligned words, for Uploads' typed views
     itemsize = torch.empty(0, dtype=dtype).element_size()
     return torch.empty(num_bytes // itemsize, dtype=dtype, pin_memory=device.type == "cuda")
 

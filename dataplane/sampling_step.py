@@ -45,8 +45,10 @@ class SamplingStep:
         if len(inputs.sampled_slots) == 0:
             return out
 
-        logits = self.model.compute_logits(hidden[inputs.sample_indices]).float()
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])
         s = inputs.sampling
+        if len(s.logprob_rows) or len(s.penalty_rows):
+            logits = logits.float()  # otherwise the sampler reads them as they are (the fused path: once)
         raw = raw_logprobs(logits[inputs.logprob_index]) if len(s.logprob_rows) else None
         ban_tokens(logits, s.ban_rows, s.ban_token_ids)
         if len(s.penalty_rows):

@@ -66,7 +66,9 @@ def attend_tile(acc, l_i, m, q, pos, k_cache_ptr, v_cache_ptr, block_table, kv_h
     return acc, l_i, m_new
 
 
-@triton.jit
+# one compiled variant for every batch: Triton would otherwise compile one per combination of
+# "== 1" and "% 16 == 0" of these, mid-run, on the first step that has it (~1 s each on an H100)
+@triton.jit(do_not_specialize=["num_seqs", "block_tables_stride"])
 def paged_prefill_kernel(
     q_ptr, q_stride_t, q_stride_h,
     k_cache_ptr, v_cache_ptr,

@@ -11,7 +11,10 @@ rest of the batch, on scheduling or preemption, or on the device (integer ops gi
 the same bits on CPU and GPU), and all seeded rows are drawn in one vectorised pass.
 The runner calls `sample` after compute_logits, with the params BatchState gathered and
 the `SamplerPlan` it decided on the host: which rows are greedy, filtered or seeded, so
-nothing here waits on the device (no .tolist(), no nonzero()).
+nothing here waits on the device (no .tolist(), no nonzero()). On CUDA, a batch with no
+filtered and no seeded row (temperature alone, the common case) takes one fused pass
+instead (fused_sample.py: Gumbel-max with Philox noise, the same distribution); the
+torch code below is the path for the rest, for the CPU, and the reference.
 """
 from __future__ import annotations
 
@@ -20,6 +23,13 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+try:
+    from dataplane.layers import fused_sample
+except ModuleNotFoundError as e:  # no Triton: the torch code is the only path
+    if e.name != "triton":
+        raise
+    fused_sample = None
 
 GREEDY_TEMPERATURE = 1e-5
 _MASK32 = (1 << 32) - 1
@@ -64,7 +74,6 @@ class Sampler:
         min_p f32 (0 = off; None = all off). plan: the rows' plan_sampling; without it,
         sample reads the params back to the host to make it (a device sync).
         Returns the sampled ids, int64 [N], on the logits' device."""
-        logits = logits.float()
         device, vocab_size = logits.device, logits.shape[-1]
         temperature, top_p, top_k = temperature.to(device), top_p.to(device), top_k.to(device)
         min_p = torch.zeros_like(top_p) if min_p is None else min_p.to(device)
@@ -72,6 +81,10 @@ class Sampler:
             host = lambda t: t.cpu().numpy()  # noqa: E731
             plan = plan_sampling(host(temperature), host(top_p), host(top_k), host(min_p), host(has_seed), vocab_size,
                                  lambda rows: torch.from_numpy(rows).to(device))
+        if (fused_sample is not None and not plan.all_greedy and plan.filter_rows is None
+                and plan.seeded_rows is None and fused_sample.enabled_for(logits)):
+            return fused_sample.sample(logits, temperature, generator, greedy_below=GREEDY_TEMPERATURE)
+        logits = logits.float()
         greedy = temperature < GREEDY_TEMPERATURE
         greedy_ids = logits.argmax(dim=-1)
         if plan.all_greedy:
@@ -144,8 +157,9 @@ def seeded_noise(keys: list[int] | torch.Tensor, vocab_size: int, device: torch.
     x = _hash32_(x)
     x ^= halves[:, 1:]
     x = _hash32_(x)
-    # 24 random bits → u in (0, 1), exact in float32, never 0 or 1
-    u = (x >> 8).to(torch.float32).add_(0.5).mul_(2.0 ** -24)
+    # 24 random bits → u in (0, 1); the top value, (2**24 - 0.5) * 2**-24, rounds to 1.0 in float32,
+    # whose noise 0 would make that token win: clamped below 1
+    u = (x >> 8).to(torch.float32).add_(0.5).mul_(2.0 ** -24).clamp_max_(1.0 - 2.0 ** -24)
     return u.log_().neg_()
 
 
