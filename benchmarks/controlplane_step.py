@@ -3,11 +3,14 @@
     python benchmarks/controlplane_step.py                       # 256 and 1024 running sequences
     python benchmarks/controlplane_step.py --num-seqs 256 --codec shm --no-overlap
     python benchmarks/controlplane_step.py --num-seqs 256 --profile   # cProfile of the timed steps
+    python benchmarks/controlplane_step.py --no-settle-heap          # without the serving process's GC settings
 
 The real Engine (Scheduler, BlockManager, PlanBuilder, result handling, incremental
 detokenisation with SmolLM2's tokenizer, a delta to each request's OutputStream) runs
 in this thread, one `Engine.step()` at a time (outputs go to asyncio queues, as in serving;
-the event loop runs between timed steps), on the throughput workload's shape
+the event loop runs between timed steps), with the garbage collector set up as
+`nanoplane controlplane` sets it once started (`controlplane.main.settle_heap`: start-up
+objects frozen, a larger young generation), on the throughput workload's shape
 (benchmarks/throughput.py: prompts U[100, 1024] tokens, max_tokens U[100, 1024],
 ignore_eos), with every sequence admitted and prefilled before timing starts. The null
 data plane serialises like a real transport: the plan is encoded by the control plane and
@@ -40,6 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from controlplane.engine import Engine, OutputStream  # noqa: E402
+from controlplane.main import settle_heap  # noqa: E402
 from controlplane.reconnect import DataPlaneReconnector  # noqa: E402
 from controlplane.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from controlplane.sequence import SamplingOptions  # noqa: E402
@@ -116,7 +120,8 @@ def load_smollm2_tokenizer():
     return load_tokenizer(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def build(num_seqs: int, codec: str, overlap: bool, tokenizer, loop) -> tuple[Engine, Clock, list[OutputStream]]:
+def build(num_seqs: int, codec: str, overlap: bool, tokenizer, loop, settle: bool = True
+          ) -> tuple[Engine, Clock, list[OutputStream]]:
     random.seed(0)  # benchmarks/throughput.py's workload, num_seqs of it
     prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(num_seqs)]
     max_tokens = [random.randint(100, 1024) for _ in range(num_seqs)]
@@ -145,6 +150,8 @@ def build(num_seqs: int, codec: str, overlap: bool, tokenizer, loop) -> tuple[En
         return out
 
     scheduler.postprocess = timed_postprocess
+    if settle:
+        settle_heap()  # as `nanoplane controlplane` does once started, before the requests come
     streams = []
     for i, (prompt, m) in enumerate(zip(prompts, max_tokens)):
         streams.append(OutputStream(loop))
@@ -162,9 +169,9 @@ def drain(loop, streams: list[OutputStream]) -> None:
             s._queue.get_nowait()
 
 
-def measure(num_seqs: int, codec: str, overlap: bool, num_steps: int, tokenizer, profile: bool) -> dict:
+def measure(num_seqs: int, codec: str, overlap: bool, num_steps: int, tokenizer, profile: bool, settle: bool) -> dict:
     loop = asyncio.new_event_loop()
-    engine, clock, streams = build(num_seqs, codec, overlap, tokenizer, loop)
+    engine, clock, streams = build(num_seqs, codec, overlap, tokenizer, loop, settle)
     scheduler = engine.scheduler
     # prefill everything, then a few decode steps, untimed
     while scheduler.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in scheduler.running):
@@ -206,12 +213,15 @@ def main() -> None:
     parser.add_argument("--codec", choices=["protobuf", "shm"], default="protobuf")
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the timed steps")
+    parser.add_argument("--settle-heap", action=argparse.BooleanOptionalAction, default=True,
+                        help="gc.freeze and the young-generation threshold of controlplane.main.settle_heap")
     args = parser.parse_args()
     tokenizer = load_smollm2_tokenizer()
-    print(f"codec {args.codec}, overlap {args.overlap}, {args.num_steps} decode steps, {os.cpu_count()} CPUs")
+    print(f"codec {args.codec}, overlap {args.overlap}, settle heap {args.settle_heap}, {args.num_steps} decode steps, "
+          f"{os.cpu_count()} CPUs")
     print("µs per decode step, median / p99")
     for n in args.num_seqs:
-        got = measure(n, args.codec, args.overlap, args.num_steps, tokenizer, args.profile)
+        got = measure(n, args.codec, args.overlap, args.num_steps, tokenizer, args.profile, args.settle_heap)
         print(f"{n} running sequences:")
         for phase, (median, p99) in got.items():
             print(f"  {phase:<34} {median:>8.0f} / {p99:.0f}")

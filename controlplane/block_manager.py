@@ -9,7 +9,6 @@ sees it, only the block ids it hands out.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 import xxhash
@@ -27,26 +26,20 @@ def chain_hash(token_ids: list[int], prefix_hash: int = NO_HASH) -> int:
     return h.intdigest()
 
 
-@dataclass(slots=True)
-class Block:
-    block_id: int
-    ref_count: int = 0
-    hash: int = NO_HASH
-    token_ids: tuple[int, ...] = ()
-
-    def reset(self) -> None:
-        self.ref_count = 1
-        self.hash = NO_HASH
-        self.token_ids = ()
-
-
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         assert num_blocks > 0 and block_size > 0
-        self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._new_pool(num_blocks)
+
+    def _new_pool(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        # Per block id, in lists rather than an object per block: a pool of 100k blocks is then a
+        # few objects for the garbage collector to walk instead of 100k (a full pass took ~100 ms).
+        self.ref_counts = [0] * num_blocks
+        self.block_hashes = [NO_HASH] * num_blocks  # kept when freed: a cache hit until handed out again
+        self.block_token_ids: list[tuple[int, ...]] = [()] * num_blocks  # the tokens a hashed block holds
         self.hash_to_block_id: dict[int, int] = {}
         # Free blocks, oldest-freed first. An OrderedDict rather than Nano-vLLM's deque:
         # a prefix-cache hit takes a free block out of the middle, O(1) here.
@@ -60,10 +53,7 @@ class BlockManager:
         """
         in_use = self.num_blocks - len(self.free_block_ids)
         assert in_use == 0, f"reset with {in_use} blocks still in use"
-        self.num_blocks = num_blocks or self.num_blocks
-        self.blocks = [Block(i) for i in range(self.num_blocks)]
-        self.hash_to_block_id.clear()
-        self.free_block_ids = OrderedDict.fromkeys(range(self.num_blocks))
+        self._new_pool(num_blocks or self.num_blocks)
 
     @property
     def num_free_blocks(self) -> int:
@@ -91,12 +81,11 @@ class BlockManager:
             prefix_hash = chain_hash(token_ids, prefix_hash)
             block_id = self.hash_to_block_id.get(prefix_hash)
             # comparing the tokens guards against a hash collision
-            if block_id is None or self.blocks[block_id].token_ids != tuple(token_ids):
+            if block_id is None or self.block_token_ids[block_id] != tuple(token_ids):
                 break
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
+            if self.ref_counts[block_id] == 0:
                 del self.free_block_ids[block_id]
-            block.ref_count += 1
+            self.ref_counts[block_id] += 1
             seq.block_table.append(block_id)
         return len(seq.block_table) * bs
 
@@ -107,10 +96,13 @@ class BlockManager:
             return False
         for _ in range(needed):
             block_id, _ = self.free_block_ids.popitem(last=False)
-            block = self.blocks[block_id]
-            if block.hash != NO_HASH and self.hash_to_block_id.get(block.hash) == block_id:
-                del self.hash_to_block_id[block.hash]  # its old contents are about to be overwritten
-            block.reset()
+            old_hash = self.block_hashes[block_id]
+            if old_hash != NO_HASH:
+                if self.hash_to_block_id.get(old_hash) == block_id:
+                    del self.hash_to_block_id[old_hash]  # its old contents are about to be overwritten
+                self.block_hashes[block_id] = NO_HASH
+                self.block_token_ids[block_id] = ()
+            self.ref_counts[block_id] = 1
             seq.block_table.append(block_id)
         return True
 
@@ -122,29 +114,30 @@ class BlockManager:
         num_full = min(num_tokens_known // bs, len(seq.block_table))
         # Hashed blocks always form a prefix of the table (cache hits, then blocks registered
         # in order), so walk back from the last full block to the first already hashed.
+        table, hashes = seq.block_table, self.block_hashes
         first = num_full
-        while first > 0 and self.blocks[seq.block_table[first - 1]].hash == NO_HASH:
+        while first > 0 and hashes[table[first - 1]] == NO_HASH:
             first -= 1
-        prefix_hash = self.blocks[seq.block_table[first - 1]].hash if first else NO_HASH
+        prefix_hash = hashes[table[first - 1]] if first else NO_HASH
         for i in range(first, num_full):
             token_ids = seq.token_ids[i * bs:(i + 1) * bs]
             prefix_hash = chain_hash(token_ids, prefix_hash)
-            block = self.blocks[seq.block_table[i]]
-            block.hash = prefix_hash
-            block.token_ids = tuple(token_ids)
-            self.hash_to_block_id[prefix_hash] = block.block_id
+            block_id = table[i]
+            hashes[block_id] = prefix_hash
+            self.block_token_ids[block_id] = tuple(token_ids)
+            self.hash_to_block_id[prefix_hash] = block_id
 
     def free(self, seq: Sequence) -> None:
         """Drops seq's references, last block first so its unshared tail is reused before a shared prefix."""
         if not seq.block_table:
             raise RuntimeError(f"free of {seq.seq_id}: it holds no blocks (double free?)")
+        ref_counts = self.ref_counts
         for block_id in seq.block_table:
-            if self.blocks[block_id].ref_count <= 0:
+            if ref_counts[block_id] <= 0:
                 raise RuntimeError(f"free of {seq.seq_id}: block {block_id} is already free")
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
+            ref_counts[block_id] -= 1
+            if ref_counts[block_id] == 0:
                 self.free_block_ids[block_id] = None
         seq.block_table.clear()
 
@@ -154,15 +147,16 @@ class BlockManager:
         free = set(self.free_block_ids)
         assert len(free) == len(self.free_block_ids), "duplicate block on the free list"
         assert free <= set(range(self.num_blocks)), "unknown block id on the free list"
-        for block in self.blocks:
-            assert block.ref_count >= 0, f"block {block.block_id} has ref count {block.ref_count}"
-            assert (block.ref_count == 0) == (block.block_id in free), (
-                f"block {block.block_id}: ref count {block.ref_count}, on free list {block.block_id in free}")
+        assert len(self.ref_counts) == len(self.block_hashes) == len(self.block_token_ids) == self.num_blocks
+        for block_id, ref_count in enumerate(self.ref_counts):
+            assert ref_count >= 0, f"block {block_id} has ref count {ref_count}"
+            assert (ref_count == 0) == (block_id in free), (
+                f"block {block_id}: ref count {ref_count}, on free list {block_id in free}")
         for h, block_id in self.hash_to_block_id.items():
-            assert self.blocks[block_id].hash == h, f"hash map points to block {block_id} holding another hash"
+            assert self.block_hashes[block_id] == h, f"hash map points to block {block_id} holding another hash"
         if block_tables is not None:
             refs = np.bincount(np.fromiter((b for t in block_tables for b in t), dtype=np.int64),
                                minlength=self.num_blocks)
-            want = np.array([b.ref_count for b in self.blocks])
+            want = np.array(self.ref_counts)
             bad = np.flatnonzero(refs != want)
             assert len(bad) == 0, f"block {bad[0]}: {refs[bad[0]]} references, ref count {want[bad[0]]}"

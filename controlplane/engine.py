@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import operator
 import queue
 import threading
 import time
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from controlplane.dataplane_client import DataPlaneClient, DataPlaneUnavailable
-from controlplane.detokenizer import DetokenizerDelta, IncrementalDetokenizer, add_batch
+from controlplane.detokenizer import BatchDetokenizer, IncrementalDetokenizer
 from controlplane.engine_observer import EngineObserver
 from controlplane.logprobs import PositionLogprobs, prompt_logprobs, sampled_logprobs
 from controlplane.reconnect import DataPlaneReconnector
@@ -39,6 +40,7 @@ from controlplane.tokenizer import Tokenizer
 from proto.step import StepResult
 
 log = structlog.get_logger("controlplane.engine")
+_request_id = operator.attrgetter("request_id")
 
 
 @dataclass(slots=True)
@@ -103,10 +105,13 @@ class Deliveries:
         self._by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
 
     def put(self, stream: OutputStream, item: RequestOutput) -> None:
-        if stream._loop is None:
+        loop = stream._loop
+        if loop is None:
             stream.put(item)
+        elif (items := self._by_loop.get(loop)) is not None:
+            items.append((stream._queue, item))
         else:
-            self._by_loop.setdefault(stream._loop, []).append((stream._queue, item))
+            self._by_loop[loop] = [(stream._queue, item)]
 
     def flush(self) -> None:
         for loop, items in self._by_loop.items():
@@ -141,6 +146,7 @@ class Engine:
         self.overlap = overlap
         self._sent_s: deque[float] = deque()  # when each plan in flight was sent
         self._deliveries = Deliveries()
+        self._detokenizer = BatchDetokenizer(tokenizer)
         self.reconnector = reconnector
         self.num_running_requests = 0  # requests with a sample in a batch slot; read by admission control
         self._inbox: queue.Queue = queue.Queue()
@@ -293,39 +299,50 @@ class Engine:
                     request.prompt_logprobs += entries
         token_logprobs = (sampled_logprobs(result, [seq_at_slot[s] for s in result.slots.tolist()])
                           if len(result.logprob_rows) else {})
-        self.num_running_requests = len({s.request_id for s in self.scheduler.running})
-        sampled = [(self._requests.get(seq.request_id), seq, token)
-                   for seq, token in self.scheduler.postprocess(plan, result)]
-        sampled = [item for item in sampled if item[0] is not None]
-        deltas = add_batch(self.tokenizer, [self._detokenizer_input(request, seq, token)
-                                            for request, seq, token in sampled])
-        for (request, seq, token), delta in zip(sampled, deltas):
-            self._emit(request, seq, [token], delta, [token_logprobs[seq]] if seq in token_logprobs else None)
+        self.num_running_requests = len(set(map(_request_id, self.scheduler.running)))
+        sampled: list[tuple[_Request, Sequence, int, IncrementalDetokenizer]] = []
+        detokenizer_items: list[tuple[IncrementalDetokenizer, int | None, bool]] = []
+        requests = self._requests
+        for seq, token in self.scheduler.postprocess(plan, result):
+            if (request := requests.get(seq.request_id)) is not None:
+                detokenizer, sampling = request.detokenizers[seq.index], seq.sampling
+                sampled.append((request, seq, token, detokenizer))
+                # the EOS or stop token that ended the sample stays out of the text unless asked for (as in vLLM)
+                text_id = token if seq.stop_token_id is None or sampling.include_stop_str_in_output else None
+                detokenizer_items.append((detokenizer, text_id,
+                                          len(seq.token_ids) - seq.num_prompt_tokens > sampling.min_tokens))
+        self._emit_all(sampled, self._detokenizer.add(detokenizer_items), token_logprobs)
         self._deliveries.flush()
 
-    @staticmethod
-    def _detokenizer_input(request: _Request, seq: Sequence, token: int) -> tuple[IncrementalDetokenizer, list[int], bool]:
-        sampling = seq.sampling
-        # the EOS or stop token that ended the sample stays out of the text unless asked for (as in vLLM)
-        text_ids = [] if seq.stop_token_id is not None and not sampling.include_stop_str_in_output else [token]
-        return request.detokenizers[seq.index], text_ids, seq.num_completion_tokens > sampling.min_tokens
+    def _emit_all(self, sampled: list[tuple[_Request, Sequence, int, IncrementalDetokenizer]], texts: list[str],
+                  token_logprobs: dict[Sequence, PositionLogprobs]) -> None:
+        """Sends each sampled token's delta; most are a token and its text of a sample that goes on."""
+        deliver, output_sent = self._deliveries.put, self.observer.output_sent
+        for (request, seq, token, detokenizer), text in zip(sampled, texts):
+            if (seq.finish_reason is not None or detokenizer.stopped or request.prompt_logprobs
+                    or (token_logprobs and seq in token_logprobs)):
+                self._emit(request, seq, token, text, [token_logprobs[seq]] if seq in token_logprobs else None)
+                continue
+            output = RequestOutput(request.request_id, text, [token], None, None, seq.index)
+            deliver(request.stream, output)
+            output_sent(output)
 
-    def _emit(self, request: _Request, seq: Sequence, tokens: list[int], delta: DetokenizerDelta,
+    def _emit(self, request: _Request, seq: Sequence, token: int, text: str,
               logprobs: list[PositionLogprobs] | None) -> None:
         """Finishes one sample on a stop string, and sends its delta."""
         detokenizer = request.detokenizers[seq.index]
-        if delta.stopped and seq.finish_reason is None:
+        if detokenizer.stopped and seq.finish_reason is None:
             self.scheduler.finish(seq, FinishReason.STOP)
         prompt_lps = request.take_prompt_logprobs() if seq.index == 0 else None
         if seq.finish_reason is not None:
-            text = delta.text if delta.stopped else delta.text + detokenizer.finish()
-            self._send(request, RequestOutput(request.request_id, text, tokens, str(seq.finish_reason.value),
+            text = text if detokenizer.stopped else text + detokenizer.finish()
+            self._send(request, RequestOutput(request.request_id, text, [token], str(seq.finish_reason.value),
                                               self._usage(seq), seq.index, logprobs, prompt_lps))
             request.num_unfinished -= 1
             if request.num_unfinished == 0:
                 del self._requests[request.request_id]
-        elif delta.text or tokens:
-            self._send(request, RequestOutput(request.request_id, delta.text, tokens, index=seq.index,
+        else:
+            self._send(request, RequestOutput(request.request_id, text, [token], index=seq.index,
                                               logprobs=logprobs, prompt_logprobs=prompt_lps))
 
     def _new_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingOptions,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 from dataclasses import dataclass
@@ -34,6 +35,12 @@ from proto.nanoplane.v1 import generation_pb2, generation_pb2_grpc
 from proto.options import add_config_arguments, config_from_args, describe_config
 
 log = structlog.get_logger("controlplane")
+
+# Young collections every this many net allocations rather than Python's 700: a step of a
+# thousand sequences allocates a few thousand short-lived objects (its outputs), so at 700
+# several collections per step promote them toward the old generation, whose full pass
+# then walks every sequence's token list (~20 ms at 1024 sequences, every ~20 steps).
+GC_GEN0_THRESHOLD = 10_000
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -159,6 +166,14 @@ async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane
     return running
 
 
+def settle_heap() -> None:
+    """Once started, before serving: what exists now (modules, the tokenizer, the engine's pools)
+    lives as long as the process, so no collection need walk it again (gc.freeze)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+
+
 async def serve(config: ControlPlaneConfig) -> int:
     """Serves until SIGTERM or SIGINT, then shuts down gracefully; the exit code (1 = could not start)."""
     try:
@@ -167,6 +182,7 @@ async def serve(config: ControlPlaneConfig) -> int:
         log.error("control plane could not start", error=str(e))
         print(f"nanoplane controlplane: error: {e}", file=sys.stderr)
         return 1
+    settle_heap()
     stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal cuts the grace period short

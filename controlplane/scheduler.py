@@ -35,9 +35,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from controlplane.block_manager import BlockManager
-from controlplane.plan_builder import PlanBuilder, ScheduledRun
+from controlplane.plan_builder import PlanBuilder, ScheduledRun, StepRuns
 from controlplane.sequence import FinishReason, Sequence, SequenceStatus
-from proto.step import StepPlan, StepResult
+from proto.step import RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan, StepResult
 
 
 @dataclass(slots=True)
@@ -68,11 +68,11 @@ class InFlightStep:
 
     plan: StepPlan
     seq_at_slot: list[Sequence | None]
-    runs: list[ScheduledRun]
+    runs: StepRuns
 
     @property
     def run_starts(self) -> list[int]:
-        return [r.start for r in self.runs]
+        return self.runs.starts
 
 
 class SlotTable:
@@ -123,6 +123,7 @@ class Scheduler:
         self.max_seq_len = config.max_seq_len  # read per sequence per step: not a property here
         self.num_discarded_tokens = 0  # sampled for a sequence that had finished by then (overlap, aborts)
         self.in_flight: deque[InFlightStep] = deque()  # oldest first
+        self.fast_decodes = True  # plain decodes skip _take (tests turn it off to compare plans)
 
     @property
     def num_running(self) -> int:
@@ -142,6 +143,8 @@ class Scheduler:
         assert seq.status is SequenceStatus.WAITING and seq.seq_id not in self.seqs
         assert seq.num_tokens < self.max_seq_len, "validation must reject prompts this long"
         seq.arrival = next(self._arrivals)
+        seq.stop_ids = frozenset(seq.sampling.stop_token_ids) | (
+            frozenset() if seq.sampling.ignore_eos else self._eos_token_ids)
         self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
 
@@ -194,39 +197,65 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         """Plans one step; None when nothing can run (pending drops then ride on the next plan)."""
-        budget = self.config.max_num_batched_tokens
-        block_size = self.config.block_size
-        runs: list[ScheduledRun] = []
-        i = 0
-        running, max_seq_len = self.running, self.max_seq_len
-        while i < len(running) and budget > 0:
-            seq = running[i]
-            num_tokens = len(seq.token_ids) + seq.num_pending_tokens
-            if seq.num_pending_tokens and (num_tokens - seq.num_prompt_tokens >= seq.sampling.max_tokens
-                                           or num_tokens >= max_seq_len):
-                i += 1
-                continue  # a step in flight samples its last token by length: nothing more to run
-            n = min(num_tokens - seq.num_computed_tokens, budget)
-            assert n > 0, f"{seq.seq_id} is running with nothing to compute"
-            # most decodes fit in the last block: only a block boundary asks the BlockManager
-            if seq.num_computed_tokens + n > len(seq.block_table) * block_size and not self._reserve_or_preempt(seq, n):
-                break  # seq preempted itself; everything after it already was
-            runs.append(self._take(seq, n, is_new=False))
-            budget -= n
-            i += 1
+        runs = StepRuns()
+        budget = self._schedule_running(runs, self.config.max_num_batched_tokens)
         while self.waiting and budget > 0 and self.slots.has_free():
             if self._waits_for_leader(self.waiting[0]) or self.waiting[0].num_pending_tokens:
                 break  # a step or two at most: the leader's prompt is being computed, or the token in flight comes
             run = self._admit(self.waiting[0], budget)
             if run is None:
                 break  # the oldest waits for blocks; later arrivals must not overtake it
-            runs.append(run)
+            runs.add(run)
             budget -= run.num_tokens
         if not runs:
             return None
         plan = self.plan_builder.build(self.slots.take_drops(), runs)
         self.in_flight.append(InFlightStep(plan, list(self.slots.seqs), runs))
         return plan
+
+    def _schedule_running(self, runs: StepRuns, budget: int) -> int:
+        """Gives each running sequence, in admission order, what it still needs; returns the budget left.
+
+        Most steps are all decodes that stay inside the sequence's last block: those are
+        appended to the run columns here, with what `_take` would record, and nothing else
+        (no blocks to take or register, no block writes, no prompt logprobs). Anything
+        else goes through `_take` (`fast_decodes` False sends everything there: tests)."""
+        block_size, max_seq_len, fast = self.config.block_size, self.max_seq_len, self.fast_decodes
+        slots, starts, num_tokens_col, flags, token_ids = (
+            runs.slots.append, runs.starts.append, runs.num_tokens.append, runs.flags.append, runs.token_ids.append)
+        # a preemption pops from the end of running, the sequences this loop has not reached yet
+        for seq in self.running:
+            if budget <= 0:
+                break
+            ids, num_pending, start = seq.token_ids, seq.num_pending_tokens, seq.num_computed_tokens
+            num_tokens = len(ids) + num_pending
+            if num_pending and (num_tokens >= seq.max_num_tokens or num_tokens >= max_seq_len):
+                continue  # a step in flight samples its last token by length: nothing more to run
+            # a decode (start == num_tokens - 1) registers the block it fills when len(ids) is a multiple
+            # of block_size, and needs a new block when num_tokens is past the table's end (a running
+            # sequence's blocks were all sent with its earlier runs: check_invariants)
+            if (fast and start == num_tokens - 1 and len(ids) % block_size
+                    and num_tokens <= len(seq.block_table) * block_size and num_tokens <= max_seq_len):
+                seq.num_computed_tokens = num_tokens
+                seq.num_pending_tokens = num_pending + 1
+                slots(seq.slot)
+                starts(start)
+                num_tokens_col(1)
+                if num_pending or seq.last_token_on_device:
+                    flags(RUN_SAMPLE)
+                else:
+                    flags(RUN_SAMPLE | RUN_TOKENS_IN_PLAN)
+                    token_ids(ids[start])
+                budget -= 1
+                continue
+            n = min(num_tokens - start, budget)
+            assert n > 0, f"{seq.seq_id} is running with nothing to compute"
+            # most decodes fit in the last block: only a block boundary asks the BlockManager
+            if start + n > len(seq.block_table) * block_size and not self._reserve_or_preempt(seq, n):
+                break  # seq preempted itself; everything after it already was
+            runs.add(self._take(seq, n, is_new=False))
+            budget -= n
+        return budget
 
     def postprocess(self, plan: StepPlan, result: StepResult) -> list[tuple[Sequence, int]]:
         """Takes the oldest plan in flight's result: appends each sampled token to its sequence and finishes
@@ -238,19 +267,23 @@ class Scheduler:
             raise ValueError(f"result of step {result.step_id} given for plan {plan.step_id}")
         seq_at_slot = self.in_flight.popleft().seq_at_slot
         out: list[tuple[Sequence, int]] = []
+        finished, max_seq_len = SequenceStatus.FINISHED, self.max_seq_len
         for slot, token in zip(result.slots.tolist(), result.token_ids.tolist()):
             seq = seq_at_slot[slot]
             if seq is None:
                 raise ValueError(f"result {result.step_id} has a token for slot {slot}, empty in that plan")
             seq.num_pending_tokens -= 1
-            if seq.status is SequenceStatus.FINISHED:
+            if seq.status is finished:
                 self.num_discarded_tokens += 1  # aborted, or stopped by the token before
                 continue
-            seq.token_ids.append(token)
+            ids = seq.token_ids
+            ids.append(token)
             seq.last_token_on_device = seq.slot is not None  # not when preempted since
-            reason = self._stop_reason(seq, token)
-            if reason is not None:
-                self.finish(seq, reason)
+            # most tokens stop nothing: _stop_reason only for those that might
+            if token in seq.stop_ids or len(ids) >= seq.max_num_tokens or len(ids) >= max_seq_len:
+                reason = self._stop_reason(seq, token)
+                if reason is not None:
+                    self.finish(seq, reason)
             out.append((seq, token))
         return out
 
@@ -259,6 +292,7 @@ class Scheduler:
         self.block_manager.check_invariants([s.block_table for s in self.seqs.values()])
         assert sorted(self.slots.free + [s.slot for s in self.running]) == list(range(self.config.max_num_seqs))
         assert all(self.slots.seqs[s.slot] is s for s in self.running)
+        assert all(s.num_blocks_sent == len(s.block_table) for s in self.running), "blocks not sent"
         assert all(not s.block_table and s.slot is None for s in self.waiting)
         assert all(0 <= s.num_pending_tokens <= len(self.in_flight) for s in self.seqs.values())
 
@@ -320,13 +354,11 @@ class Scheduler:
         return ScheduledRun(seq, start, n, is_new, samples, on_device)
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        sampling = seq.sampling
-        num_completion = len(seq.token_ids) - seq.num_prompt_tokens
+        num_tokens = len(seq.token_ids)
         # the data plane bans these tokens until min_tokens outputs exist; checked here too so both agree
-        if ((token in sampling.stop_token_ids or (not sampling.ignore_eos and token in self._eos_token_ids))
-                and num_completion > sampling.min_tokens):
+        if token in seq.stop_ids and num_tokens - seq.num_prompt_tokens > seq.sampling.min_tokens:
             seq.stop_token_id = token
             return FinishReason.STOP
-        if num_completion >= sampling.max_tokens or len(seq.token_ids) >= self.max_seq_len:
+        if num_tokens >= seq.max_num_tokens or num_tokens >= self.max_seq_len:
             return FinishReason.LENGTH
         return None

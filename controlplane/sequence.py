@@ -86,12 +86,17 @@ class Sequence:
     leader: Sequence | None = None
     num_prompt_logprobs: int = 0  # prompt tokens whose logprobs came back (the first has none)
     stop_token_id: int | None = None  # the EOS or stop token id that finished it
+    # the ids that stop it past min_tokens: sampling.stop_token_ids, and the EOS ids unless
+    # ignore_eos (set by Scheduler.add, which knows the EOS ids)
+    stop_ids: frozenset[int] = frozenset()
+    max_num_tokens: int = field(init=False)  # prompt + max_tokens: it stops by length there
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)  # ours to append to; the caller's list stays the prompt
         if self.num_prompt_tokens < 0:
             self.num_prompt_tokens = len(self.token_ids)
         self.request_id = self.request_id or self.seq_id
+        self.max_num_tokens = self.num_prompt_tokens + self.sampling.max_tokens
 
     @property
     def num_tokens(self) -> int:

@@ -65,13 +65,17 @@ def test_sigterm_lets_the_stream_finish_then_stops_both_planes(serve_process):
     with Client(target, timeout_s=60) as client:
         stream = client.generate_stream("Once upon a time", LONG, request_id="trace-me")
         first = next(stream)
-        assert len(serves_dataplane()) == 1
-        proc.send_signal(signal.SIGTERM)
-
-        while health(target) != health_pb2.HealthCheckResponse.NOT_SERVING:
-            time.sleep(0.01)
-        with pytest.raises(NanoplaneError) as refused:
-            client.generate("too late", SamplingParams(max_tokens=2))
+        (dataplane_pid,) = serves_dataplane()
+        # the data plane is held still, so the stream is surely in flight when the late call comes
+        os.kill(dataplane_pid, signal.SIGSTOP)
+        try:
+            proc.send_signal(signal.SIGTERM)
+            while health(target) != health_pb2.HealthCheckResponse.NOT_SERVING:
+                time.sleep(0.01)
+            with pytest.raises(NanoplaneError) as refused:
+                client.generate("too late", SamplingParams(max_tokens=2))
+        finally:
+            os.kill(dataplane_pid, signal.SIGCONT)
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.message
 
         deltas = [first, *stream]

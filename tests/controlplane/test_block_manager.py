@@ -52,11 +52,11 @@ def test_common_prefix_is_shared_and_survives_free_until_reallocated():
     assert b.block_table[:3] == a.block_table[:3]
     assert b.block_table[3] != a.block_table[3]
     shared = a.block_table[:3]
-    assert [bm.blocks[i].ref_count for i in shared] == [2, 2, 2]
+    assert [bm.ref_counts[i] for i in shared] == [2, 2, 2]
     bm.check_invariants([a.block_table, b.block_table])
 
     bm.free(a)
-    assert [bm.blocks[i].ref_count for i in shared] == [1, 1, 1]
+    assert [bm.ref_counts[i] for i in shared] == [1, 1, 1]
     bm.free(b)
     assert bm.num_free_blocks == 12
     bm.check_invariants([])

@@ -42,6 +42,19 @@ def workload(seed: int) -> list[Sequence]:
     return seqs
 
 
+def step_once(sched, oracle, previous, overlap: bool):
+    """One engine step: schedule, take back the result in flight (before scheduling, without overlap), run
+    the plan on the oracle. Returns the plan and the new (plan, result) in flight, or None."""
+    if not overlap and previous is not None:
+        sched.postprocess(*previous)
+        previous = None
+    plan = sched.schedule()
+    if previous is not None:
+        sched.postprocess(*previous)
+    sched.check_invariants()
+    return plan, ((plan, oracle.step(plan)) if plan is not None else None)
+
+
 def run(sched, oracle, seqs, overlap: bool, abort_at: dict[int, str] | None = None, max_steps=2000):
     """Steps until all finished. With overlap, plan N+1 is built before N's result is taken back; the
     oracle runs each plan after that (the data plane's order and inputs do not depend on when)."""
@@ -51,14 +64,7 @@ def run(sched, oracle, seqs, overlap: bool, abort_at: dict[int, str] | None = No
     for step in range(max_steps):
         for seq_id in (abort_at or {}).get(step, ()):
             sched.abort(seq_id)
-        if not overlap and previous is not None:
-            sched.postprocess(*previous)
-            previous = None
-        plan = sched.schedule()
-        if previous is not None:
-            sched.postprocess(*previous)
-        sched.check_invariants()
-        previous = (plan, oracle.step(plan)) if plan is not None else None
+        _, previous = step_once(sched, oracle, previous, overlap)
         if previous is None and not sched.has_unfinished():
             return
         assert previous is not None or sched.waiting, "unfinished sequences but nothing scheduled"
