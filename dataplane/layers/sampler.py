@@ -84,11 +84,11 @@ class Sampler:
         if (fused_sample is not None and not plan.all_greedy and plan.filter_rows is None
                 and plan.seeded_rows is None and fused_sample.enabled_for(logits)):
             return fused_sample.sample(logits, temperature, generator, greedy_below=GREEDY_TEMPERATURE)
+        if plan.all_greedy:
+            return logits.argmax(dim=-1)  # widening bf16 to float32 is exact: the same argmax, one read
         logits = logits.float()
         greedy = temperature < GREEDY_TEMPERATURE
         greedy_ids = logits.argmax(dim=-1)
-        if plan.all_greedy:
-            return greedy_ids
 
         scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
         if plan.filter_rows is not None:

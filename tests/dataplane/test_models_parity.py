@@ -139,6 +139,6 @@ def test_bf16_prefill_close_to_fp32(tiny):
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     prompt = random_prompt(40, seed=6)
     (ours,) = PagedDriver(model, config, dtype=torch.bfloat16).step([(0, prompt)])
-    assert ours.dtype == torch.float32
+    assert ours.dtype == torch.bfloat16  # widened only where a consumer needs float32 (logprobs, penalties)
     reference = hf_logits(hf, prompt)
-    assert (ours - reference).abs().max() < 0.05 * reference.abs().max()
+    assert (ours.float() - reference).abs().max() < 0.05 * reference.abs().max()
