@@ -24,6 +24,7 @@ class DataPlaneConfig:
     gpu_memory_utilization: float = 0.9
     attention_backend: str = "auto"  # auto | torch | triton | flash-attn
     enforce_eager: bool = False
+    warm_up: str = "auto"  # auto (on a GPU) | on | off: synthetic steps before serving (dataplane/warmup.py)
     tensor_parallel_size: int = 1
     seed: int = 0
     num_threads: int = 0  # CPU intra-op threads, 0 = torch's default
@@ -54,6 +55,11 @@ class DataPlaneConfig:
             problems.append(f"--load-format must be auto or dummy, got {self.load_format!r}")
         if self.tensor_parallel_size < 1:
             problems.append(f"--tensor-parallel-size must be at least 1, got {self.tensor_parallel_size}")
+        if self.warm_up not in ("auto", "on", "off"):
+            problems.append(f"--warm-up must be auto, on or off, got {self.warm_up!r}")
+        elif self.warm_up == "on" and self.tensor_parallel_size > 1:
+            problems.append("--warm-up on needs --tensor-parallel-size 1 (ranks do not warm up together yet); "
+                            "use auto or off")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             problems.append(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         from dataplane.security import config_problems
@@ -81,6 +87,8 @@ HELP = {
     "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
     "attention_backend": "auto, torch, triton or flash-attn",
     "enforce_eager": "disable CUDA graphs",
+    "warm_up": "run a few synthetic steps before serving, so that the first requests do not wait for kernels "
+               "to compile: auto (on a GPU, one rank), on, off",
     "tensor_parallel_size": "split the model over this many ranks, one process per GPU (GPUs N, N+1, ... for "
                             "--device cuda:N), NCCL between them; on CPU, processes talking gloo",
     "seed": "seed of the data plane's sampler for unseeded requests",

@@ -36,6 +36,7 @@ from dataplane.logprobs import PROMPT_ROWS_PER_CHUNK
 from dataplane.sampling_step import SamplingStep
 from dataplane.loader import load_dummy_model, load_model
 from dataplane.model_config import ModelConfig
+from dataplane.warmup import warm_up
 from proto.step import StepPlan, StepResult
 
 log = structlog.get_logger("dataplane.runner")
@@ -134,12 +135,20 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq, self.max_model_len,
                                        mc.hidden_size, self.dtype, self.device, use_graphs=not config.enforce_eager)
             self.graphs.capture()
+        if self._wants_warm_up():
+            warm_up(self)
         log.info("data plane ready", tp_rank=self.tp_rank, tp_size=self.tp_size, model=config.model,
                  architecture=mc.architecture, device=str(self.device),
                  cuda_graphs=self.graphs.batch_sizes if self.graphs and self.graphs.use_graphs else None,
                  dtype=dtype_name, attention_backend=self.attention_backend, num_kv_blocks=self.num_blocks,
                  block_size=config.block_size, max_model_len=self.max_model_len,
                  load_s=round(time.perf_counter() - started, 2))
+
+    def _wants_warm_up(self) -> bool:
+        # every rank would have to run the same steps at the same time: tensor-parallel ranks do not (yet)
+        if self.config.warm_up == "auto":
+            return self.device.type == "cuda" and self.tp_size == 1
+        return self.config.warm_up == "on"
 
     def _size_kv_cache(self, mc: ModelConfig) -> int:
         cfg = self.config
