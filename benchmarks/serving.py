@@ -71,10 +71,12 @@ def summarize(records: list[RequestRecord], duration_s: float, rate: float) -> d
     return summary
 
 
-async def run_at_rate(make_backend, requests: list[BenchRequest], rate: float, seed: int) -> dict:
+async def run_at_rate(make_backend, requests: list[BenchRequest], rate: float, seed: int,
+                      warm_up: bool = True) -> dict:
     backend = make_backend()
     try:
-        await backend.send(BenchRequest(requests[0].prompt_token_ids[:16], 2, requests[0].temperature))  # warm-up
+        if warm_up:  # one short request first, so that the first timed ones do not pay the connection
+            await backend.send(BenchRequest(requests[0].prompt_token_ids[:16], 2, requests[0].temperature))
         gaps = random.Random(seed + 1)
         tasks = []
         start = time.perf_counter()
@@ -164,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=_range, default=(100, 1024), metavar="MIN:MAX")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-warm-up-request", dest="warm_up", action="store_false",
+                   help="time the very first requests too (what the first users after a start see)")
     p.add_argument("--json-out", help="write the summaries here as JSON")
     p.add_argument("--csv-out", default="serving_sweep.csv", help="CSV of a sweep")
     p.add_argument("--plot-out", help="PNG of a sweep (default: the CSV's name with .png)")
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         make_backend = (lambda: GrpcBackend(target)) if args.backend == "grpc" else (lambda: HttpBackend(http_url))
         summaries = []
         for rate in rates:
-            summary = asyncio.run(run_at_rate(make_backend, requests, rate, args.seed))
+            summary = asyncio.run(run_at_rate(make_backend, requests, rate, args.seed, args.warm_up))
             summary.update(backend=args.backend, model=info.model_name, device=info.device)
             print_summary(summary)
             summaries.append(summary)
