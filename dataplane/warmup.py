@@ -77,11 +77,9 @@ def warm_up_plans(block_size: int, vocab_size: int) -> list[StepPlan]:
 
 def warm_up(runner) -> None:
     """Runs warm_up_plans on the runner, then leaves it as it was (an empty batch, the generator reseeded)."""
-    block_size = runner.config.block_size
-    plans = warm_up_plans(block_size, runner.model_config.vocab_size)
-    needed = sum(_blocks(n + NUM_DECODES + 1, block_size) for n in PROMPT_LENS)
     cfg = runner.config
-    if needed > runner.num_blocks or cfg.max_num_seqs < len(PROMPT_LENS) \
+    plans = warm_up_plans(cfg.block_size, runner.model_config.vocab_size)
+    if sum(len(plan.block_ids) for plan in plans) > runner.num_blocks or cfg.max_num_seqs < len(PROMPT_LENS) \
             or max(plan.run_num_tokens.sum() for plan in plans) > cfg.max_num_batched_tokens \
             or max(PROMPT_LENS) + NUM_DECODES + 1 > runner.max_model_len:
         log.info("warm-up skipped: the KV cache, batch or step budget is smaller than its three short sequences")

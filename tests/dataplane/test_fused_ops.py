@@ -9,32 +9,14 @@ before every kernel run, so an unwritten element fails.
 """
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
+from tests.triton_interpreter import HAS_CUDA, kernel_module, use_interpreter_without_cuda
 
-
-def _import_triton_for_interpreter():
-    """TRITON_INTERPRET must be set before triton is first imported (see test_triton_kernels.py)."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    if not isinstance(tl.cdiv, InterpretedFunction):
-        for name in [n for n in sys.modules if n.split(".")[0] == "triton" and not n.startswith("triton._C")]:
-            del sys.modules[name]
-
-
-if not HAS_CUDA:
-    try:
-        _import_triton_for_interpreter()
-    except ImportError:
-        pass
-
+use_interpreter_without_cuda()
 pytest.importorskip("triton", reason="triton is not installed: the fused ops cannot run here")
 
 from dataplane.layers import activation, layernorm, rotary
@@ -43,16 +25,7 @@ from dataplane.layers.layernorm import RMSNorm
 from dataplane.layers.rotary import RotaryEmbedding
 
 
-def _fused_ops_module():
-    module = importlib.import_module("dataplane.layers.fused_ops")
-    if not HAS_CUDA:
-        from triton.runtime.interpreter import InterpretedFunction
-        if not isinstance(module.rms_norm_kernel, InterpretedFunction):
-            module = importlib.reload(module)
-    return module
-
-
-fused_ops = _fused_ops_module()
+fused_ops = kernel_module("dataplane.layers.fused_ops")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 

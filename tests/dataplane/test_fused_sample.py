@@ -6,33 +6,13 @@ a program, so the tests pass tiles of many rows); the `gpu` tests run Qwen3's vo
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
+from tests.triton_interpreter import HAS_CUDA, kernel_module, use_interpreter_without_cuda
 
-
-def _import_triton_for_interpreter():
-    """TRITON_INTERPRET must be set before triton is first imported (see test_triton_kernels.py)."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    if not isinstance(tl.cdiv, InterpretedFunction):
-        for name in [n for n in sys.modules if n.split(".")[0] == "triton" and not n.startswith("triton._C")]:
-            del sys.modules[name]
-
-
-if not HAS_CUDA:
-    try:
-        _import_triton_for_interpreter()
-    except ImportError:
-        pass
-
+use_interpreter_without_cuda()
 pytest.importorskip("triton", reason="triton is not installed: the fused sampler cannot run here")
 
 from dataplane.layers import fused_ops  # noqa: E402
@@ -40,16 +20,7 @@ from dataplane.layers import sampler as sampler_module  # noqa: E402
 from dataplane.layers.sampler import GREEDY_TEMPERATURE, Sampler, plan_sampling  # noqa: E402
 
 
-def _fused_sample_module():
-    module = importlib.import_module("dataplane.layers.fused_sample")
-    if not HAS_CUDA:
-        from triton.runtime.interpreter import InterpretedFunction
-        if not isinstance(module.gumbel_argmax_kernel, InterpretedFunction):
-            module = importlib.reload(module)
-    return module
-
-
-fused_sample = _fused_sample_module()
+fused_sample = kernel_module("dataplane.layers.fused_sample")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.gpu
 NUM_DRAWS = 20_000

@@ -13,35 +13,14 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
+from tests.triton_interpreter import HAS_CUDA, kernel_module, use_interpreter_without_cuda
 
-
-def _import_triton_for_interpreter():
-    """@triton.jit picks interpreter or compiler when a function is decorated, triton.language's own
-    helpers (tl.cdiv, tl.max, ...) included, so TRITON_INTERPRET must be set before triton is first
-    imported. torch._dynamo imports triton, so earlier tests may have done it already; then re-import
-    triton's Python modules (not its native extension) with the interpreter on."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    if not isinstance(tl.cdiv, InterpretedFunction):
-        for name in [n for n in sys.modules if n.split(".")[0] == "triton" and not n.startswith("triton._C")]:
-            del sys.modules[name]
-
-
-if not HAS_CUDA:
-    try:
-        _import_triton_for_interpreter()
-    except ImportError:
-        pass
-
+use_interpreter_without_cuda()
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run here")
 
 from dataplane.attention import reference  # noqa: E402
@@ -68,20 +47,9 @@ if not HAS_CUDA:
     _interpreter_numpy_compat()
 
 
-def _kernel_module(name: str):
-    """Import a kernel module; on CPU, re-import it if it was first imported without the interpreter."""
-    module = importlib.import_module(f"dataplane.attention.{name}")
-    if not HAS_CUDA:
-        from triton.runtime.interpreter import InterpretedFunction
-        kernel = next(v for k, v in vars(module).items() if k.endswith("_kernel"))
-        if not isinstance(kernel, InterpretedFunction):
-            module = importlib.reload(module)
-    return module
-
-
-store_kv_mod = _kernel_module("triton_store_kv")
-decode_mod = _kernel_module("triton_decode")
-prefill_mod = _kernel_module("triton_prefill")
+store_kv_mod = kernel_module("dataplane.attention.triton_store_kv")
+decode_mod = kernel_module("dataplane.attention.triton_decode")
+prefill_mod = kernel_module("dataplane.attention.triton_prefill")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands as raw bits: bf16 attention is checked on the GPU only
