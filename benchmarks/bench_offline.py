@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.serving import _engine_arg  # noqa: E402
 from benchmarks.throughput import QWEN3_0_6B  # noqa: E402
-from client import LLM, SamplingParams  # noqa: E402
+from nanoplane import LLM, SamplingParams  # noqa: E402
 
 
 def dummy_qwen3_folder(folder: Path) -> str:

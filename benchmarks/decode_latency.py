@@ -23,8 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.throughput import QWEN3_0_6B, LocalDataPlane  # noqa: E402
-from controlplane.scheduler import Scheduler, SchedulerConfig  # noqa: E402
-from controlplane.sequence import SamplingOptions, Sequence  # noqa: E402
+from controlplane.core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from controlplane.core.sequence import SamplingOptions, Sequence  # noqa: E402
 
 
 def decode_step_times(dataplane: LocalDataPlane, batch_size: int, context: int, steps: int,

@@ -86,7 +86,7 @@ def bytes_per_step(transport: str, n: int) -> int:
 
 
 def measure(target: str, transport: str, iters: int) -> list[dict]:
-    from controlplane.dataplane_client import DataPlaneClient
+    from controlplane.link.dataplane_client import DataPlaneClient
 
     client = DataPlaneClient(target, transport=transport)
     rows = []

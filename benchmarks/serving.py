@@ -185,9 +185,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.target and (args.model or args.engine_arg):
         parser.error("--model and --engine-arg start planes here; they do not go with --target")
     from client import Client
-    from client.local_planes import LocalPlanes
+    from nanoplane.local_planes import LocalPlanes
     from client.loop_thread import EventLoopThread
-    from controlplane.http_gateway import start_http_gateway
+    from gateway.http_gateway import start_http_gateway
 
     loop = planes = gateway = None
     target, http_url = args.target, args.http_url

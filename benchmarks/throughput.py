@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controlplane.scheduler import Scheduler, SchedulerConfig  # noqa: E402
-from controlplane.sequence import SamplingOptions, Sequence  # noqa: E402
+from controlplane.core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from controlplane.core.sequence import SamplingOptions, Sequence  # noqa: E402
 
 QWEN3_0_6B = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
@@ -222,7 +222,7 @@ def main() -> None:
         info = {k: getattr(facts, k) for k in ("num_kv_blocks", "block_size", "max_num_seqs",
                                                "max_num_batched_tokens", "max_model_len", "kv_bytes_per_token")}
     else:
-        from controlplane.dataplane_client import DataPlaneClient
+        from controlplane.link.dataplane_client import DataPlaneClient
 
         ready = os.path.join(tmp, "port")
         proc = subprocess.Popen([sys.executable, "-m", "dataplane", "--port", "0", "--ready-file", ready,

@@ -60,7 +60,7 @@ class ControlPlaneConfig:
             problems.append(f"--max-waiting-requests must be >= 1, got {self.max_waiting_requests}")
         if self.max_pending_tokens < 1:
             problems.append(f"--max-pending-tokens must be >= 1, got {self.max_pending_tokens}")
-        from controlplane.security import config_problems  # imports grpc, which config users need anyway
+        from controlplane.ops.security import config_problems  # imports grpc, which config users need anyway
         problems += config_problems(self)
         if problems:
             raise ValueError("invalid control plane configuration: " + "; ".join(problems))

@@ -13,23 +13,23 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from controlplane.admission import AdmissionControl
-from controlplane.api import GenerationServicer
-from controlplane.auth import BearerTokenAuth, load_tokens
+from controlplane.serving.admission import AdmissionControl
+from controlplane.serving.api import GenerationServicer
+from controlplane.ops.auth import BearerTokenAuth, load_tokens
 from controlplane.config import ENV_PREFIX, HELP, ControlPlaneConfig
-from controlplane.dataplane_client import DataPlaneClient, DataPlaneUnavailable
-from controlplane.engine import Engine
-from controlplane.metrics import CounterReader, Gauge, MetricsServer, Registry
-from controlplane.readiness import Readiness
-from controlplane.reconnect import DataPlaneReconnector
-from controlplane.request_decoding import RequestDecodingInterceptor
-from controlplane.scheduler import Scheduler, SchedulerConfig
-from controlplane.security import (dataplane_channel_credentials, dataplane_channel_options,
+from controlplane.link.dataplane_client import DataPlaneClient, DataPlaneUnavailable
+from controlplane.serving.engine import Engine
+from controlplane.ops.metrics import CounterReader, Gauge, MetricsServer, Registry
+from controlplane.ops.readiness import Readiness
+from controlplane.link.reconnect import DataPlaneReconnector
+from controlplane.serving.request_decoding import RequestDecodingInterceptor
+from controlplane.core.scheduler import Scheduler, SchedulerConfig
+from controlplane.ops.security import (dataplane_channel_credentials, dataplane_channel_options,
                                    public_server_credentials, public_server_options)
-from controlplane.shutdown import DrainInterceptor, drain_and_stop
-from controlplane.telemetry import EngineTelemetry
-from controlplane.tokenizer import load_tokenizer
-from controlplane.validation import RequestLimits
+from controlplane.ops.shutdown import DrainInterceptor, drain_and_stop
+from controlplane.ops.telemetry import EngineTelemetry
+from controlplane.serving.tokenizer import load_tokenizer
+from controlplane.serving.validation import RequestLimits
 from proto.logs import configure_logging
 from proto.nanoplane.v1 import generation_pb2, generation_pb2_grpc
 from proto.options import add_config_arguments, config_from_args, describe_config

@@ -8,8 +8,8 @@ them), and the last sampled token of each slot stays there, so a decode step's i
 ids never cross the wire or the PCIe bus. The small arrays a step does send go in one
 packed, pinned upload (dataplane/host_transfer.py), and nothing here reads the device:
 `apply` never waits for steps still in flight. Sampling params live in
-`SlotSamplingParams` (dataplane/sampling_params.py); the token history that penalties
-need, in `PenaltyState` (dataplane/layers/penalties.py), fed here with every token that runs.
+`SlotSamplingParams` (dataplane/sampling/sampling_params.py); the token history that penalties
+need, in `PenaltyState` (dataplane/sampling/penalties.py), fed here with every token that runs.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import torch
 
 from dataplane.context import AttentionMetadata
 from dataplane.host_transfer import Uploads
-from dataplane.layers.penalties import PenaltyState
-from dataplane.layers.sampler import SamplerPlan, plan_sampling
-from dataplane.sampling_params import SamplingInputs, SlotSamplingParams
+from dataplane.sampling.penalties import PenaltyState
+from dataplane.sampling.sampler import SamplerPlan, plan_sampling
+from dataplane.sampling.sampling_params import SamplingInputs, SlotSamplingParams
 from proto.step import RUN_PROMPT_LOGPROBS, RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
 
 

@@ -30,10 +30,10 @@ from dataplane.cuda_graphs import DecodeGraphs
 from dataplane.distributed import get_tp_rank, get_tp_size, min_over_ranks, rank_device
 from dataplane.kv_cache import allocate_kv_cache, bind_kv_cache, num_blocks_for_bytes
 from dataplane.layers.attention import set_attention_backend
-from dataplane.layers.sampler import Sampler
+from dataplane.sampling.sampler import Sampler
 from dataplane.host_transfer import Downloads, PendingCopy
-from dataplane.logprobs import PROMPT_ROWS_PER_CHUNK
-from dataplane.sampling_step import SamplingStep
+from dataplane.sampling.logprobs import PROMPT_ROWS_PER_CHUNK
+from dataplane.sampling.sampling_step import SamplingStep
 from dataplane.loader import load_dummy_model, load_model
 from dataplane.model_config import ModelConfig
 from dataplane.warmup import warm_up

@@ -145,7 +145,7 @@ class TensorParallelRunner:
 
     def launch(self, plan: StepPlan):
         """Rank 0's launch, after the plan went to the other ranks. They need no ids from the host: rank 0
-        broadcasts what it samples on the device (dataplane/sampling_step.py), so steps may overlap."""
+        broadcasts what it samples on the device (dataplane/sampling/sampling_step.py), so steps may overlap."""
         with self._lock:
             self.group.publish(EXECUTE, encode_execute(plan, _NO_IDS, _NO_IDS))
             return self.runner.launch(plan)

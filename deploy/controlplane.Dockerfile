@@ -28,7 +28,7 @@ EXPOSE 50051 50052 9090
 
 # The plaintext health port answers even when the API port needs TLS and a token.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD python -m controlplane.healthcheck --target "127.0.0.1:${NANOPLANE_CP_HEALTH_PORT}"
+    CMD python -m proto.healthcheck --target "127.0.0.1:${NANOPLANE_CP_HEALTH_PORT}"
 
 # SIGTERM drains: NOT_SERVING, in-flight streams get --shutdown-grace-s (30 s) to finish.
 STOPSIGNAL SIGTERM

@@ -35,7 +35,7 @@ EXPOSE 50061 50062
 
 # SERVING once the weights are loaded and the KV cache is allocated, which can take minutes.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD python -m controlplane.healthcheck --target "127.0.0.1:${NANOPLANE_DP_HEALTH_PORT}"
+    CMD python -m proto.healthcheck --target "127.0.0.1:${NANOPLANE_DP_HEALTH_PORT}"
 
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["nanoplane", "dataplane"]

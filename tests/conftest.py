@@ -34,7 +34,7 @@ def smollm2_gguf() -> str:
 @pytest.fixture(scope="session")
 def tokenizer_dir(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2's tokenizer as Hugging Face files, to sit next to tiny random models."""
-    from controlplane.tokenizer import export_tokenizer
+    from controlplane.serving.tokenizer import export_tokenizer
 
     out = tmp_path_factory.mktemp("smollm2-tokenizer")
     export_tokenizer(smollm2_gguf, out)

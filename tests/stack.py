@@ -113,7 +113,7 @@ class DataPlaneProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "NANOPLANE_LOG_FORMAT": "console"}
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "controlplane.cli", "dataplane", "--model", self.model, "--port",
+                [sys.executable, "-m", "nanoplane.cli", "dataplane", "--model", self.model, "--port",
                  str(self.port), "--device", "cpu", *self.args, *extra_args],
                 env=env, stdout=log, stderr=subprocess.STDOUT)
         wait_for_port(self.port, self.proc, timeout_s)
@@ -164,12 +164,12 @@ class ProcessStack:
         self.procs = []
         dp_log = open(log_dir / "dataplane.log", "w")
         self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli", "dataplane", "--model", model, "--port", str(self.dp_port),
+            [sys.executable, "-m", "nanoplane.cli", "dataplane", "--model", model, "--port", str(self.dp_port),
              "--device", "cpu", *dataplane_args], env=env, stdout=dp_log, stderr=subprocess.STDOUT))
         wait_for_port(self.dp_port, self.procs[0], 300)
         cp_log = open(log_dir / "controlplane.log", "w")
         self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli", "controlplane", "--dataplane", f"127.0.0.1:{self.dp_port}",
+            [sys.executable, "-m", "nanoplane.cli", "controlplane", "--dataplane", f"127.0.0.1:{self.dp_port}",
              "--port", str(self.cp_port), "--transport", TRANSPORT], env=env, stdout=cp_log, stderr=subprocess.STDOUT))
         wait_for_port(self.cp_port, self.procs[1], 300)
         self.target = f"127.0.0.1:{self.cp_port}"

@@ -11,17 +11,17 @@ def test_serve_then_generate_then_sigterm(tiny_model_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NANOPLANE_LOG_FORMAT": "console"}
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "controlplane.cli", "serve", "--model",
+    server = subprocess.Popen([sys.executable, "-m", "nanoplane.cli", "serve", "--model",
                                str(tiny_model_dir("llama")), "--port", str(port), "--num-threads", "1"],
                               env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port, server, 300)
-        out = subprocess.run([sys.executable, "-m", "controlplane.cli", "generate", "Hello", "--target",
+        out = subprocess.run([sys.executable, "-m", "nanoplane.cli", "generate", "Hello", "--target",
                               f"127.0.0.1:{port}", "--max-tokens", "5"], env=env, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0, out.stderr
         assert "finish_reason=length" in out.stderr and "completion_tokens=5" in out.stderr
-        bad = subprocess.run([sys.executable, "-m", "controlplane.cli", "generate", "Hello", "--target",
+        bad = subprocess.run([sys.executable, "-m", "nanoplane.cli", "generate", "Hello", "--target",
                               f"127.0.0.1:{port}", "--temperature", "-1"], env=env, capture_output=True, text=True,
                              timeout=120)
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "temperature" in bad.stderr
@@ -32,7 +32,7 @@ def test_serve_then_generate_then_sigterm(tiny_model_dir, tmp_path):
 
 
 def test_help_lists_every_option():
-    out = subprocess.run([sys.executable, "-m", "controlplane.cli", "serve", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "nanoplane.cli", "serve", "--help"], capture_output=True,
                          text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0
     for flag in ("--model", "--port", "--max-num-seqs", "--num-kv-blocks", "--enable-prefix-caching",

@@ -83,7 +83,7 @@ def test_compose_runs_both_planes_with_mutual_tls():
 @pytest.mark.parametrize("plane", ["controlplane", "dataplane"])
 def test_dockerfiles_run_as_a_user_with_a_health_check(plane):
     text = (DEPLOY / f"{plane}.Dockerfile").read_text()
-    assert "USER 10001" in text and "HEALTHCHECK" in text and "controlplane.healthcheck" in text
+    assert "USER 10001" in text and "HEALTHCHECK" in text and "proto.healthcheck" in text
     assert ("FROM python:3.11-slim" in text) if plane == "controlplane" else ("nvidia/cuda" in text)
 
 

@@ -3,7 +3,7 @@ keeps serving, and no KV block or admission count leaks.
 
 Oversized messages (gRPC's own RESOURCE_EXHAUSTED), bytes that are not a GenerateRequest
 (garbage, truncated, nested past protobuf's limit, invalid UTF-8 in a string field:
-INVALID_ARGUMENT from controlplane/request_decoding.py), thousands of stop strings, huge n,
+INVALID_ARGUMENT from controlplane/serving/request_decoding.py), thousands of stop strings, huge n,
 absurd but valid numbers (they must run, not crash the sampler), and requests on streams
 the client already closed (raw HTTP/2 frames from tests/raw_http2.py, and cancels racing
 the request).

@@ -14,7 +14,7 @@ openai = pytest.importorskip("openai")
 
 @pytest.fixture(scope="module")
 def stack(tiny_model_dir):
-    from controlplane.http_gateway import start_http_gateway
+    from gateway.http_gateway import start_http_gateway
 
     s = InProcessStack(str(tiny_model_dir("qwen3")), block_size=16, num_kv_blocks=64)
     s.gateway = asyncio.run_coroutine_threadsafe(start_http_gateway(s.target, "127.0.0.1", 0,
@@ -181,7 +181,7 @@ def test_unsupported_fields_are_refused(stack, model):
 
 
 def test_forwards_the_callers_bearer_token(tiny_model_dir, monkeypatch):
-    from controlplane.http_gateway import start_http_gateway
+    from gateway.http_gateway import start_http_gateway
 
     monkeypatch.setenv("NANOPLANE_CP_AUTH_TOKENS", "secret-token")
     s = InProcessStack(str(tiny_model_dir("qwen3")), block_size=16, num_kv_blocks=32)

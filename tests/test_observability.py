@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import SamplingParams
-from controlplane.metrics import Counter, Histogram, Registry
+from controlplane.ops.metrics import Counter, Histogram, Registry
 from dataplane.server import build_server, set_serving
 from tests.stack import InProcessStack, free_port
 

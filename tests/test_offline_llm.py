@@ -1,4 +1,4 @@
-"""The offline LLM (client/llm.py) on a tiny model: Nano-vLLM's example unchanged but for its import,
+"""The offline LLM (nanoplane/llm.py) on a tiny model: Nano-vLLM's example unchanged but for its import,
 input order, token-id prompts, one SamplingParams per prompt, chat(), errors, and no process left behind."""
 import json
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client import LLM, Client, InvalidArgumentError, SamplingParams
+from client import Client, InvalidArgumentError, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def llm(tiny_model_dir):
 
 
 def test_nano_vllm_example_runs_with_only_the_import_changed(own_model_copy):
-    script = ("from client import LLM, SamplingParams\n" + NANO_VLLM_EXAMPLE.replace("/path/to/model", own_model_copy)
+    script = ("from nanoplane import LLM, SamplingParams\n" + NANO_VLLM_EXAMPLE.replace("/path/to/model", own_model_copy)
               + "import json; print(json.dumps(outputs))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -1,7 +1,7 @@
 """Overload: admission bounds answer RESOURCE_EXHAUSTED at once with a retry hint; KV exhaustion preempts and
 still finishes everything, oldest first.
 
-Admission (controlplane/admission.py): one batch slot, so the second and later requests
+Admission (controlplane/serving/admission.py): one batch slot, so the second and later requests
 wait; --max-waiting-requests 2 and --max-pending-tokens 1200 are then easy to reach.
 KV exhaustion: eight requests that need 24 blocks together share 12; the scheduler preempts
 the newest, so every request finishes with the tokens it gets alone, and they finish in the

@@ -3,9 +3,9 @@ tokens after preemption, and (marked gpu) the same tokens and logprobs on CUDA a
 import numpy as np
 import pytest
 
-from controlplane.logprobs import prompt_logprobs, sampled_logprobs
-from controlplane.scheduler import Scheduler, SchedulerConfig
-from controlplane.sequence import SamplingOptions, Sequence
+from controlplane.serving.logprobs import prompt_logprobs, sampled_logprobs
+from controlplane.core.scheduler import Scheduler, SchedulerConfig
+from controlplane.core.sequence import SamplingOptions, Sequence
 from dataplane.config import DataPlaneConfig
 from dataplane.runner import ModelRunner
 from tests.tiny_models import save_tiny_model

@@ -11,9 +11,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import AsyncClient, Client, NanoplaneError, SamplingParams
-from controlplane.auth import BearerTokenAuth, load_tokens
+from controlplane.ops.auth import BearerTokenAuth, load_tokens
 from controlplane.config import ControlPlaneConfig
-from controlplane.healthcheck import check
+from proto.healthcheck import check
 from dataplane.config import DataPlaneConfig
 from dataplane.security import server_credentials
 from tests.certs import make_pki

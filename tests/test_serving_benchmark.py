@@ -40,7 +40,7 @@ def test_grpc_at_a_low_rate(stack, tmp_path, capsys):
 
 
 def test_http_backend_through_the_gateway(stack):
-    from controlplane.http_gateway import start_http_gateway
+    from gateway.http_gateway import start_http_gateway
 
     gateway = asyncio.run_coroutine_threadsafe(start_http_gateway(stack.target, "127.0.0.1", 0), stack.loop).result(30)
     try:

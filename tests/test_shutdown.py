@@ -47,7 +47,7 @@ def serve_process(tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NANOPLANE_LOG_FORMAT": "json"}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli", "serve", "--model", model, "--device", "cpu", "--num-threads", "1",
+            [sys.executable, "-m", "nanoplane.cli", "serve", "--model", model, "--device", "cpu", "--num-threads", "1",
              "--num-kv-blocks", "64", "--port", str(port), "--shutdown-grace-s", "30"],
             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controlplane.dataplane_client import DataPlaneClient, DataPlaneUnavailable
-from controlplane.scheduler import Scheduler, SchedulerConfig
-from controlplane.sequence import SamplingOptions, Sequence
+from controlplane.link.dataplane_client import DataPlaneClient, DataPlaneUnavailable
+from controlplane.core.scheduler import Scheduler, SchedulerConfig
+from controlplane.core.sequence import SamplingOptions, Sequence
 from dataplane.config import DataPlaneConfig
 from dataplane.runner import ModelRunner
 from tests.tiny_models import save_tiny_model

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks.throughput import QWEN3_0_6B
-from controlplane.dataplane_client import DataPlaneClient
+from controlplane.link.dataplane_client import DataPlaneClient
 from tests.test_tensor_parallel import generate, prompts, start_dataplane
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from controlplane.dataplane_client import DataPlaneClient, DataPlaneUnavailable
-from controlplane.transport import choose_transport
+from controlplane.link.dataplane_client import DataPlaneClient, DataPlaneUnavailable
+from controlplane.link.transport import choose_transport
 from dataplane.config import DataPlaneConfig
 from dataplane.runner import ModelRunner
 from dataplane.server import build_server

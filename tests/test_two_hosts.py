@@ -24,7 +24,7 @@ TOKEN = "two-hosts-token"
 CLIENT = r"""
 import json, sys, time, urllib.request
 from client import Client, SamplingParams
-from controlplane.healthcheck import check
+from proto.healthcheck import check
 target, ca, token, metrics_url, request_id = sys.argv[1:6]
 deadline = time.monotonic() + 120
 while not check(target, tls_ca=ca)[0]:
@@ -132,7 +132,7 @@ def generate_from_the_dataplane_host(hosts, planes, request_id: str) -> dict:
 
 
 def control_plane_serving(hosts, planes) -> bool:
-    done = subprocess.run(in_ns(hosts.cp_ns, sys.executable, "-m", "controlplane.healthcheck", "--timeout-s", "1",
+    done = subprocess.run(in_ns(hosts.cp_ns, sys.executable, "-m", "proto.healthcheck", "--timeout-s", "1",
                                 "--target", f"127.0.0.1:{CP_HEALTH_PORT}"),
                           env=planes[2], cwd=ROOT, capture_output=True, text=True, timeout=30)
     return done.returncode == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from client import LLM, SamplingParams  # noqa: E402
+from nanoplane import LLM, SamplingParams  # noqa: E402
 
 
 def main() -> None:

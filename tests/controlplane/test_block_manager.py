@@ -1,8 +1,8 @@
 """BlockManager: allocation, ref counts, the xxhash prefix cache and its last-token rule."""
 import pytest
 
-from controlplane.block_manager import BlockManager
-from controlplane.sequence import SamplingOptions, Sequence
+from controlplane.core.block_manager import BlockManager
+from controlplane.core.sequence import SamplingOptions, Sequence
 
 BS = 4
 

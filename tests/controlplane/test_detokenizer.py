@@ -4,8 +4,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controlplane.detokenizer import REPLACEMENT_CHAR, DetokenizerDelta, IncrementalDetokenizer
-from controlplane.tokenizer import load_tokenizer
+from controlplane.serving.detokenizer import REPLACEMENT_CHAR, DetokenizerDelta, IncrementalDetokenizer
+from controlplane.serving.tokenizer import load_tokenizer
 
 BROKEN_TEXT = "héllo 😀🎉 世界 こんにちは, naïve café ∑ 𝔘 🇫🇷 done"
 

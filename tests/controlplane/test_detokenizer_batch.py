@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from controlplane.detokenizer import BatchDetokenizer, DetokenizerDelta, IncrementalDetokenizer
-from controlplane.tokenizer import load_tokenizer
+from controlplane.serving.detokenizer import BatchDetokenizer, DetokenizerDelta, IncrementalDetokenizer
+from controlplane.serving.tokenizer import load_tokenizer
 from tests.controlplane.test_detokenizer import BROKEN_TEXT, token_pool  # noqa: F401 (a fixture)
 
 TEXT = "The quick brown fox 😀 jumps over 世界, naïve café. STOP here!\nAnd the lazy dog sleeps."

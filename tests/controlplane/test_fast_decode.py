@@ -8,8 +8,8 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
-from controlplane.scheduler import Scheduler, SchedulerConfig
-from controlplane.sequence import SamplingOptions, new_samples
+from controlplane.core.scheduler import Scheduler, SchedulerConfig
+from controlplane.core.sequence import SamplingOptions, new_samples
 from proto.step import StepPlan
 from tests.controlplane.kv_oracle import KVOracle, context_hash_sampler
 from tests.controlplane.test_overlap_scheduler import step_once

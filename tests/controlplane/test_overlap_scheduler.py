@@ -5,8 +5,8 @@ preemption, n > 1 samples, stop ids and aborts."""
 import numpy as np
 import pytest
 
-from controlplane.scheduler import Scheduler, SchedulerConfig
-from controlplane.sequence import FinishReason, SamplingOptions, Sequence, new_samples
+from controlplane.core.scheduler import Scheduler, SchedulerConfig
+from controlplane.core.sequence import FinishReason, SamplingOptions, Sequence, new_samples
 from proto.step import RUN_SAMPLE, StepResult
 from tests.controlplane.kv_oracle import KVOracle, context_hash_sampler
 

@@ -4,8 +4,8 @@ carries what the data plane needs for penalties, min_tokens and prompt logprobs.
 import numpy as np
 import pytest
 
-from controlplane.scheduler import Scheduler, SchedulerConfig
-from controlplane.sequence import FinishReason, SamplingOptions, Sequence, SequenceStatus, new_samples
+from controlplane.core.scheduler import Scheduler, SchedulerConfig
+from controlplane.core.sequence import FinishReason, SamplingOptions, Sequence, SequenceStatus, new_samples
 from proto.step import RUN_PROMPT_LOGPROBS, StepResult
 from tests.controlplane.kv_oracle import context_hash_sampler, oracle_for
 

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from controlplane.scheduler import Scheduler, SchedulerConfig
-from controlplane.sequence import FinishReason, SamplingOptions, Sequence, SequenceStatus
+from controlplane.core.scheduler import Scheduler, SchedulerConfig
+from controlplane.core.sequence import FinishReason, SamplingOptions, Sequence, SequenceStatus
 from proto.step import RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
 from tests.controlplane.kv_oracle import OracleError, KVOracle, context_hash_sampler, oracle_for, run_step
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from hypothesis import event, given, settings, strategies as st
 
-from controlplane.scheduler import Scheduler, SchedulerConfig
-from controlplane.sequence import FinishReason, SamplingOptions, Sequence
+from controlplane.core.scheduler import Scheduler, SchedulerConfig
+from controlplane.core.sequence import FinishReason, SamplingOptions, Sequence
 from tests.controlplane.kv_oracle import context_hash_sampler, oracle_for, run_step
 
 VOCAB = 50

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.tokenizer import export_tokenizer, gguf_cache_path, load_tokenizer
+from controlplane.serving.tokenizer import export_tokenizer, gguf_cache_path, load_tokenizer
 
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 SAMPLE_TEXTS = ["Hello world", "The capital of France is Paris.", "héllo 😀 世界\n\tこんにちは", "  spaces  ",

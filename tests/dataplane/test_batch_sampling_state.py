@@ -11,9 +11,9 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from controlplane.logprobs import prompt_logprobs
-from controlplane.scheduler import Scheduler, SchedulerConfig
-from controlplane.sequence import SamplingOptions, Sequence
+from controlplane.serving.logprobs import prompt_logprobs
+from controlplane.core.scheduler import Scheduler, SchedulerConfig
+from controlplane.core.sequence import SamplingOptions, Sequence
 from dataplane.batch_state import BatchState
 from proto.nanoplane.v1 import dataplane_pb2
 from proto.step import decode_plan, encode_plan

@@ -1,4 +1,4 @@
-"""Fused sampling (dataplane/layers/fused_sample.py) against torch.argmax, the tempered softmax
+"""Fused sampling (dataplane/sampling/fused_sample.py) against torch.argmax, the tempered softmax
 computed in float64, and the Sampler's torch path, which keeps every batch with a filtered or
 seeded row. On a machine without CUDA the kernels run under the Triton interpreter (about 30 ms
 a program, so the tests pass tiles of many rows); the `gpu` tests run Qwen3's vocabulary
@@ -16,11 +16,11 @@ use_interpreter_without_cuda()
 pytest.importorskip("triton", reason="triton is not installed: the fused sampler cannot run here")
 
 from dataplane.layers import fused_ops  # noqa: E402
-from dataplane.layers import sampler as sampler_module  # noqa: E402
-from dataplane.layers.sampler import GREEDY_TEMPERATURE, Sampler, plan_sampling  # noqa: E402
+from dataplane.sampling import sampler as sampler_module  # noqa: E402
+from dataplane.sampling.sampler import GREEDY_TEMPERATURE, Sampler, plan_sampling  # noqa: E402
 
 
-fused_sample = kernel_module("dataplane.layers.fused_sample")
+fused_sample = kernel_module("dataplane.sampling.fused_sample")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.gpu
 NUM_DRAWS = 20_000

@@ -2,8 +2,8 @@
 import numpy as np
 import torch
 
-from dataplane import logprobs as logprobs_module
-from dataplane.logprobs import prompt_logprobs, raw_logprobs, token_logprobs
+from dataplane.sampling import logprobs as logprobs_module
+from dataplane.sampling.logprobs import prompt_logprobs, raw_logprobs, token_logprobs
 
 
 def test_token_logprobs_give_value_rank_and_top_most_likely_first():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from dataplane.layers.penalties import PenaltyState, apply_penalties, ban_tokens
+from dataplane.sampling.penalties import PenaltyState, apply_penalties, ban_tokens
 
 VOCAB = 300
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

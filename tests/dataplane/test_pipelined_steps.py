@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from controlplane.scheduler import Scheduler, SchedulerConfig
-from controlplane.sequence import SamplingOptions, Sequence
+from controlplane.core.scheduler import Scheduler, SchedulerConfig
+from controlplane.core.sequence import SamplingOptions, Sequence
 from dataplane.config import DataPlaneConfig
 from dataplane.runner import ModelRunner
 from proto.step import RESULT_ARRAYS, StepResult

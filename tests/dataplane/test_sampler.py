@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataplane.layers.sampler import Sampler, apply_top_k_top_p, mix_seed, mix_seeds, seeded_noise
+from dataplane.sampling.sampler import Sampler, apply_top_k_top_p, mix_seed, mix_seeds, seeded_noise
 
 NUM_DRAWS = 20_000
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataplane.layers.sampler import Sampler, apply_min_p
+from dataplane.sampling.sampler import Sampler, apply_min_p
 
 NUM_DRAWS = 20_000
 VOCAB = 16

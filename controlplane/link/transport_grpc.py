@@ -1,0 +1,40 @@
+"""StepStream over the DataPlane/Step gRPC bidi stream (any host; TLS when the channel has it)."""
+from __future__ import annotations
+
+import queue
+
+import grpc
+
+from controlplane.link.transport import DataPlaneUnavailable
+from proto.nanoplane.v1 import dataplane_pb2
+from proto.step import StepPlan, StepResult, decode_result, encode_plan
+
+_CLOSE = object()
+
+
+class GrpcStepStream:
+    name = "grpc"
+
+    def __init__(self, stub):
+        self._plans: queue.Queue = queue.Queue()
+        self._results = stub.Step(iter(self._plans.get, _CLOSE))
+
+    @property
+    def broken(self) -> bool:
+        return self._results.done()
+
+    def send(self, plan: StepPlan) -> None:
+        self._plans.put(encode_plan(plan, dataplane_pb2.StepPlan))
+
+    def receive(self) -> StepResult:
+        try:
+            pb = next(self._results)
+        except grpc.RpcError as e:
+            raise DataPlaneUnavailable(f"data plane step stream broke: {e.code().name}: {e.details()}") from e
+        except StopIteration as e:
+            raise DataPlaneUnavailable("data plane closed the step stream") from e
+        return decode_result(pb)
+
+    def close(self) -> None:
+        self._plans.put(_CLOSE)
+        self._results.cancel()

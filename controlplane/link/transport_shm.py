@@ -1,0 +1,46 @@
+"""StepStream over a shared-memory session with a data plane on this host (proto/shm_channel.py)."""
+from __future__ import annotations
+
+from controlplane.link.transport import DataPlaneUnavailable
+from proto import step_frames
+from proto.shm_channel import MessageTooLarge, PeerGone, SessionRefused, open_session
+from proto.step import StepPlan, StepResult
+
+
+class ShmStepStream:
+    name = "shm"
+
+    def __init__(self, socket_path: str, ticket: bytes, slot_bytes: int):
+        """Raises OSError when the data plane's socket cannot be reached, DataPlaneUnavailable when it refuses."""
+        try:
+            self.channel = open_session(socket_path, ticket, slot_bytes)
+        except SessionRefused as e:
+            raise DataPlaneUnavailable(f"the data plane refused a shared-memory session: {e}") from e
+
+    @property
+    def broken(self) -> bool:
+        return not self.channel.peer_alive()
+
+    def send(self, plan: StepPlan) -> None:
+        try:
+            self.channel.send(step_frames.encode_plan(plan))
+        except (PeerGone, MessageTooLarge) as e:
+            raise DataPlaneUnavailable(f"shared-memory step session: {e}") from e
+
+    def receive(self) -> StepResult:
+        try:
+            frame = self.channel.receive()
+        except PeerGone as e:
+            raise DataPlaneUnavailable(f"shared-memory step session ended: {e}") from e
+        try:
+            result = step_frames.decode_frame(frame)
+        except ValueError as e:
+            raise DataPlaneUnavailable(f"the data plane sent a bad result frame: {e}") from e
+        if isinstance(result, step_frames.ErrorFrame):
+            raise DataPlaneUnavailable(f"the data plane ended the step session: {result.message}")
+        if not isinstance(result, StepResult):
+            raise DataPlaneUnavailable(f"the data plane sent a {type(result).__name__} frame, not a result")
+        return result
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,1 @@
+"""Operations: metrics, telemetry, auth, TLS, readiness, graceful shutdown, interceptors."""
