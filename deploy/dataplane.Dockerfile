@@ -17,10 +17,9 @@ RUN pip install torch --index-url "$TORCH_INDEX_URL"
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proto proto
-COPY controlplane controlplane
 COPY dataplane dataplane
-COPY client client
-RUN pip install . "triton>=3.0"
+COPY nanoplane nanoplane
+RUN pip install ".[gpu]"
 
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin nanoplane
 USER 10001
