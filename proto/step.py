@@ -4,7 +4,7 @@ Both planes speak in these dataclasses; `encode_*`/`decode_*` are the only place
 they meet protobuf. Every array is a 1-D numpy array of the dtype named in
 PLAN_ARRAYS / RESULT_ARRAYS, and travels as packed little-endian bytes.
 
-A plan carries only what changed (DESIGN.md, "The step protocol"):
+A plan carries only what changed (docs/design.md, "The step protocol"):
 - `drop_slots`: sequences leaving the batch (finished, aborted, preempted);
 - `new_*`: sequences entering the batch at a slot, with their sampling params and
   how many of their tokens already sit in the KV cache (prefix-cache hit);
