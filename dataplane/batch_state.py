@@ -22,7 +22,7 @@ from dataplane.context import AttentionMetadata
 from dataplane.host_transfer import Uploads
 from dataplane.sampling.penalties import PenaltyState
 from dataplane.sampling.sampler import SamplerPlan, plan_sampling
-from dataplane.sampling.sampling_params import SamplingInputs, SlotSamplingParams
+from dataplane.sampling.sampling_params import SAMPLER_COLUMNS, SamplingInputs, SlotSamplingParams
 from proto.step import RUN_PROMPT_LOGPROBS, RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
 
 
@@ -231,9 +231,10 @@ class BatchState:
             sampled_index=stage(sampled_slots, torch.long),
             logprob_index=stage(sampling.logprob_rows, torch.long),
             penalty_index=stage(sampling.penalty_rows, torch.long),
-            sampler_plan=plan_sampling(sp.temperature[sampled_slots], sp.top_p[sampled_slots],
-                                       sp.top_k[sampled_slots], sp.min_p[sampled_slots], sp.has_seed[sampled_slots],
-                                       self.vocab_size, lambda rows: stage(rows, torch.long)),
+            # the plan needs whether a row is seeded, not its seed
+            sampler_plan=plan_sampling(**{name: getattr(sp, name)[sampled_slots] for name in SAMPLER_COLUMNS
+                                          if name != "seed"},
+                                       vocab_size=self.vocab_size, as_index=lambda rows: stage(rows, torch.long)),
         )
         return inputs, num_tokens, max_blocks, ids, decodes, penalised
 

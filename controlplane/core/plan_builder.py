@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from controlplane.core.sequence import Sequence
+from proto.sampling_schema import DATAPLANE_OPTIONS, column_values
 from proto.step import PLAN_ARRAYS, RUN_PROMPT_LOGPROBS, RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
 
 
@@ -118,17 +119,13 @@ class PlanBuilder:
         options = [r.seq.sampling for r in new]
         plan.new_slots = _array("new_slots", [r.seq.slot for r in new])
         plan.new_num_cached_tokens = _array("new_num_cached_tokens", [r.start for r in new])
-        plan.new_temperature = _array("new_temperature", [o.temperature for o in options])
-        plan.new_top_p = _array("new_top_p", [o.top_p for o in options])
-        plan.new_top_k = _array("new_top_k", [o.top_k for o in options])
-        plan.new_seed = _array("new_seed", [o.seed or 0 for o in options])
-        plan.new_has_seed = _array("new_has_seed", [o.seed is not None for o in options])
         plan.new_num_prompt_tokens = _array("new_num_prompt_tokens", [r.seq.num_prompt_tokens for r in new])
-        for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens"):
-            setattr(plan, f"new_{name}", _array(f"new_{name}", [getattr(o, name) for o in options]))
-        plan.new_num_logprobs = _array("new_num_logprobs", [-1 if o.logprobs is None else o.logprobs for o in options])
-        plan.new_num_prompt_logprobs = _array("new_num_prompt_logprobs", [
-            r.seq.sampling.prompt_logprobs if r.seq.needs_prompt_logprobs else -1 for r in new])
+        for option in DATAPLANE_OPTIONS:
+            values = [getattr(o, option.name) for o in options]
+            if option.name == "prompt_logprobs":  # none left to return: a preempted sequence past its prompt
+                values = [v if r.seq.needs_prompt_logprobs else None for v, r in zip(values, new)]
+            for column in option.columns:
+                setattr(plan, column.field, _array(column.field, column_values(values, column)))
         banned = [banned_until_min_tokens(r.seq, self.eos_token_ids) for r in new]
         plan.new_num_stop_ids = _array("new_num_stop_ids", [len(b) for b in banned])
         plan.stop_ids = _array("stop_ids", [t for b in banned for t in b])

@@ -53,10 +53,9 @@ class SamplingStep:
         ban_tokens(logits, s.ban_rows, s.ban_token_ids)
         if len(s.penalty_rows):
             rows = inputs.penalty_index
-            logits[rows] = self.batch.penalties.apply(logits[rows], s.penalty_slots, s.repetition_penalty,
-                                                      s.presence_penalty, s.frequency_penalty)
-        token_ids = self.sampler.sample(logits, s.temperature, s.top_p, s.top_k, s.seed, s.has_seed, s.positions,
-                                        generator=self.generator, min_p=s.min_p, plan=inputs.sampler_plan)
+            logits[rows] = self.batch.penalties.apply(logits[rows], s.penalty_slots, **s.penalty_args)
+        token_ids = self.sampler.sample(logits, **s.sampler_args, positions=s.positions, generator=self.generator,
+                                        plan=inputs.sampler_plan)
         broadcast_from_rank0(token_ids)  # ranks > 0 feed them to their next decode step, as rank 0 does
         self.batch.record_sampled(inputs.sampled_slots, token_ids, inputs.sampled_index)
         out["token_ids"] = token_ids.to(torch.int32)
