@@ -10,9 +10,8 @@ min_tokens the ids to ban, and chunks of prompts that want prompt logprobs are f
 with the prompt tokens their rows predict.
 
 The runs of a step are kept as columns (`StepRuns`), in batch order, so that a step of
-plain decodes costs a few list appends per sequence: the Scheduler appends those
-straight to the columns, and only the other runs (`StepRuns.add`) are kept as
-`ScheduledRun`s for what they may carry besides (new slots, block writes).
+plain decodes costs a few list appends per sequence; only the runs that carry more (a
+new slot, blocks not sent yet) are kept as `ScheduledRun`s as well.
 """
 from __future__ import annotations
 
@@ -31,8 +30,6 @@ class ScheduledRun:
     start: int  # seq.num_computed_tokens before this step's chunk: the KV the data plane already holds
     num_tokens: int
     is_new: bool  # the sequence got its slot this step
-    samples: bool = False  # the chunk reaches the sequence's end: a token is sampled after it
-    token_on_device: bool = False  # a decode of the token the data plane sampled last at this slot
 
 
 class StepRuns:
@@ -49,28 +46,31 @@ class StepRuns:
         self.token_ids: list[int] = []  # of the runs flagged RUN_TOKENS_IN_PLAN, in run order
         self.prompt_logprob_counts: list[int] = []
         self.prompt_logprob_token_ids: list[int] = []
-        self.others: list[ScheduledRun] = []  # every run but the Scheduler's plain decodes
+        self.others: list[ScheduledRun] = []  # the runs of new sequences and of those with blocks to send
 
     def __len__(self) -> int:
         return len(self.slots)
 
-    def add(self, run: ScheduledRun) -> None:
-        """Appends a run of any kind (the Scheduler appends plain decodes to the columns itself)."""
-        seq, start, n, on_device = run.seq, run.start, run.num_tokens, run.token_on_device
-        end = start + n
-        if not on_device:
-            assert end <= seq.num_tokens, f"{seq.seq_id}: a chunk with a pending token must be its decode"
-            self.token_ids += seq.token_ids[start:end]
-        num_targets = num_prompt_targets(seq, start, n) if seq.needs_prompt_logprobs else 0
-        if num_targets:
-            self.prompt_logprob_counts.append(num_targets)
-            self.prompt_logprob_token_ids += seq.token_ids[start + 1:start + 1 + num_targets]
+    def add(self, seq: Sequence, start: int, n: int, is_new: bool, samples: bool, on_device: bool) -> None:
+        """Appends seq's run of n tokens from start (Scheduler._take says which kind it is)."""
+        if on_device:  # a decode of the token the data plane sampled last at this slot
+            flags = RUN_SAMPLE
+        else:
+            assert start + n <= len(seq.token_ids), f"{seq.seq_id}: a chunk with a pending token must be its decode"
+            self.token_ids += seq.token_ids[start:start + n]
+            flags = RUN_SAMPLE | RUN_TOKENS_IN_PLAN if samples else RUN_TOKENS_IN_PLAN
+        if seq.needs_prompt_logprobs:
+            num_targets = num_prompt_targets(seq, start, n)
+            if num_targets:
+                self.prompt_logprob_counts.append(num_targets)
+                self.prompt_logprob_token_ids += seq.token_ids[start + 1:start + 1 + num_targets]
+                flags |= RUN_PROMPT_LOGPROBS
         self.slots.append(seq.slot)
         self.starts.append(start)
         self.num_tokens.append(n)
-        self.flags.append((RUN_SAMPLE if run.samples else 0) | (0 if on_device else RUN_TOKENS_IN_PLAN)
-                          | (RUN_PROMPT_LOGPROBS if num_targets else 0))
-        self.others.append(run)
+        self.flags.append(flags)
+        if is_new or seq.num_blocks_sent != len(seq.block_table):
+            self.others.append(ScheduledRun(seq, start, n, is_new))
 
 
 def _array(name: str, values: list) -> np.ndarray:
@@ -110,7 +110,6 @@ class PlanBuilder:
         )
         if new:
             self._add_new(plan, new)
-        # a plain decode's blocks were all sent before: only the other runs can have new ones
         self._add_block_writes(plan, runs.others)
         self.next_step_id += 1
         return plan
