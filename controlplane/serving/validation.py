@@ -126,7 +126,8 @@ def _items(pb, option, limits: RequestLimits) -> tuple:
         raise InvalidRequest(f"sampling.{option.name}", f"at most {option.max_items} {what}, got {len(items)}")
     for i, item in enumerate(items):
         if option.wire == "string" and (not item or len(item) > MAX_STOP_STRING_CHARS):
-            raise InvalidRequest(f"sampling.{option.name}[{i}]", f"must be 1 to {MAX_STOP_STRING_CHARS} characters long")
+            raise InvalidRequest(f"sampling.{option.name}[{i}]",
+                                 f"must be 1 to {MAX_STOP_STRING_CHARS} characters long")
         if option.wire != "string" and not 0 <= item < limits.vocab_size:
             raise InvalidRequest(f"sampling.{option.name}[{i}]",
                                  f"token id {item} is outside the vocabulary [0, {limits.vocab_size})")
