@@ -3,7 +3,8 @@
 The data plane runs as a child process (`python -m dataplane --port 0 --ready-file F`,
 as `nanoplane serve` starts it); the control plane runs in this process, on the
 caller's EventLoopThread, through `controlplane.main.start_control_plane`. The planes
-talk gRPC over loopback: the shared-memory transport of DESIGN.md is not built yet.
+find each other over gRPC on loopback; with the default `transport="auto"` the steps then
+travel over the shared-memory rings (proto/shm_channel.py), as the child is on this host.
 
 Cleanup is certain: `close()`, garbage collection and interpreter exit (weakref.finalize)
 all stop the control plane and terminate the child, so no orphan process is left.
