@@ -4,6 +4,7 @@ the probes that need no key, CORS and the OpenAPI schema."""
 import asyncio
 import http.client
 import json
+import time
 
 import pytest
 
@@ -294,3 +295,28 @@ def test_forwards_the_callers_bearer_token(tiny_model_dir, monkeypatch):
     finally:
         stop_gateway(s, gateway)
         s.close()
+
+
+def test_a_client_that_goes_away_mid_stream_aborts_its_request(stack, model):
+    def aborted() -> float:
+        try:
+            return stack.metric('nanoplane:request_success_total{finished_reason="abort"}')
+        except KeyError:
+            return 0.0
+
+    before = aborted()
+    body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 500, "stream": True,
+                       "ignore_eos": True}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", stack.gateway.port, timeout=60)
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    assert response.readline().startswith(b"data: {")
+    conn.sock.shutdown(2)  # gone, long before 500 tokens
+    conn.close()
+    deadline = time.monotonic() + 30
+    while aborted() < before + 1:
+        assert time.monotonic() < deadline, "the request went on after its client left"
+        time.sleep(0.05)
+    stack.wait_idle()
+    assert not stack.scheduler.has_unfinished()
