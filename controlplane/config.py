@@ -30,6 +30,7 @@ class ControlPlaneConfig:
     max_message_bytes: int = 16 * 2**20
     health_port: int = 0
     metrics_port: int = 0
+    metrics_auth_token_file: str = ""
     shutdown_grace_s: float = 30.0
     dataplane_tls_ca: str = ""
     dataplane_tls_cert: str = ""
@@ -96,6 +97,8 @@ HELP = {
     "max_message_bytes": "largest request or response message of the public API",
     "health_port": "plaintext port serving only grpc.health.v1, for probes that cannot do TLS (0 = off)",
     "metrics_port": "port of the Prometheus /metrics endpoint over HTTP (0 = off)",
+    "metrics_auth_token_file": "file of bearer tokens, one per line, that GET /metrics requires (401 without "
+                               "one); empty = /metrics is open",
     "shutdown_grace_s": "on SIGTERM, how long in-flight requests may run on before they are aborted",
     "dataplane_tls_ca": "PEM CA certificate that signed the data plane's certificate; turns TLS to the data plane on",
     "dataplane_tls_cert": "PEM client certificate presented to the data plane (mutual TLS)",

@@ -19,7 +19,7 @@ from controlplane.ops.auth import BearerTokenAuth, load_tokens
 from controlplane.config import ENV_PREFIX, HELP, ControlPlaneConfig
 from controlplane.link.dataplane_client import DataPlaneClient, DataPlaneUnavailable
 from controlplane.serving.engine import Engine
-from controlplane.ops.metrics import CounterReader, Gauge, MetricsServer, Registry
+from controlplane.ops.metrics import Metrics, MetricsServer
 from controlplane.ops.readiness import Readiness
 from controlplane.link.reconnect import DataPlaneReconnector
 from controlplane.serving.request_decoding import RequestDecodingInterceptor
@@ -89,7 +89,7 @@ class RunningControlPlane:
     model_info: generation_pb2.ModelInfo
     readiness: Readiness
     drain: DrainInterceptor
-    registry: Registry
+    registry: Metrics
     health_server: grpc.aio.Server | None = None
     health_port: int = 0
     metrics: MetricsServer | None = None
@@ -142,18 +142,20 @@ async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane
 
     readiness = Readiness(health_servicer, ("", SERVICE_NAME), engine.dataplane.channel, config.dataplane,
                           engine_connected=lambda: engine.dataplane_connected)
-    registry = Registry({"model_name": model_info.model_name})
+    registry = Metrics({"model_name": model_info.model_name})
     engine.observer = EngineTelemetry(engine.scheduler, registry, readiness.dataplane_lost, readiness.dataplane_back)
-    registry.add(Gauge("nanoplane:dataplane_connected", "1 while the data plane answers, else 0.",
-                       lambda: float(readiness.dataplane_ok)))
-    registry.add(CounterReader("nanoplane:requests_rejected_total",
-                               "Requests refused with RESOURCE_EXHAUSTED by admission control.",
-                               lambda: admission.num_rejected))
-    registry.add(Gauge("nanoplane:pending_tokens", "Prompt + max_tokens × n of the unfinished requests.",
-                       lambda: admission.num_pending_tokens))
+    registry.gauge("nanoplane:dataplane_connected", "1 while the data plane answers, else 0.",
+                   lambda: float(readiness.dataplane_ok))
+    registry.counter_reader("nanoplane:requests_rejected_total",
+                            "Requests refused with RESOURCE_EXHAUSTED by admission control.",
+                            lambda: admission.num_rejected)
+    registry.gauge("nanoplane:pending_tokens", "Prompt + max_tokens × n of the unfinished requests.",
+                   lambda: admission.num_pending_tokens)
     running = RunningControlPlane(server, engine, health_servicer, port, model_info, readiness, drain, registry)
     if config.metrics_port:
-        running.metrics = MetricsServer(registry, config.host, config.metrics_port).start()
+        metrics_tokens = load_tokens(config.metrics_auth_token_file, environ={}) \
+            if config.metrics_auth_token_file else []
+        running.metrics = MetricsServer(registry, config.host, config.metrics_port, metrics_tokens).start()
     engine.start()
     await server.start()
     await readiness.start(config.dataplane_health_interval_s)
@@ -162,7 +164,8 @@ async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane
             health_servicer, f"{config.host}:{config.health_port}")
     log.info("control plane serving", address=f"{config.host}:{port}", model=model_info.model_name,
              tls=config.tls_cert != "", auth_tokens=len(tokens), health_port=running.health_port or None,
-             metrics_port=running.metrics.port if running.metrics else None)
+             metrics_port=running.metrics.port if running.metrics else None,
+             metrics_auth=bool(config.metrics_auth_token_file))
     return running
 
 

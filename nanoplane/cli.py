@@ -26,6 +26,7 @@ def _serve(argv: list[str]) -> int:
     from nanoplane.default_model import default_model_path
     from controlplane.main import serve
     from dataplane.config import ENV_PREFIX as DP_ENV, HELP as DP_HELP, SERVE_CHILD_OVERRIDES, DataPlaneConfig
+    from gateway.config import ENV_PREFIX as GATEWAY_ENV, HELP as GATEWAY_HELP, SERVE_OWNED_FIELDS, GatewayConfig
     from proto.logs import configure_logging
     from proto.options import add_config_arguments, config_from_args
 
@@ -36,14 +37,15 @@ def _serve(argv: list[str]) -> int:
     add_config_arguments(parser, DataPlaneConfig, DP_ENV, DP_HELP, exclude=tuple(SERVE_CHILD_OVERRIDES))
     parser.add_argument("--http-port", type=int, default=int(os.environ.get("NANOPLANE_HTTP_PORT", "0")),
                         help="also serve OpenAI-compatible HTTP on this port (0 = off) [env NANOPLANE_HTTP_PORT]")
+    gateway_options = parser.add_argument_group("the HTTP gateway (with --http-port)")
+    add_config_arguments(gateway_options, GatewayConfig, GATEWAY_ENV, GATEWAY_HELP, exclude=SERVE_OWNED_FIELDS)
     args = parser.parse_args(argv)
     configure_logging()
     try:
         model = args.model or default_model_path()
         dp_config = config_from_args(DataPlaneConfig, args, model=model, **SERVE_CHILD_OVERRIDES)
         config_from_args(ControlPlaneConfig, args)  # validate before starting anything
-        if not 0 <= args.http_port < 65536:
-            raise ValueError(f"--http-port must be in [0, 65535], got {args.http_port}")
+        gateway_config = config_from_args(GatewayConfig, args, http_port=args.http_port)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
 
@@ -54,8 +56,8 @@ def _serve(argv: list[str]) -> int:
             port = wait_for_ready_file(ready_file, child, timeout_s=600)
             cp_config = config_from_args(ControlPlaneConfig, args, dataplane=f"127.0.0.1:{port}")
             if args.http_port:
-                from gateway.main import serve_with_gateway
-                code = asyncio.run(serve_with_gateway(cp_config, args.http_port))
+                from nanoplane.serve_http import serve_with_gateway
+                code = asyncio.run(serve_with_gateway(cp_config, gateway_config))
             else:
                 code = asyncio.run(serve(cp_config))
         finally:

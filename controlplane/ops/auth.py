@@ -30,12 +30,12 @@ def _tokens_in_file(path: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def token_file_problem(path: str) -> str | None:
+def token_file_problem(path: str, flag: str = "--auth-token-file") -> str | None:
     try:
         if not _tokens_in_file(path):
-            return f"--auth-token-file {path!r} holds no token"
+            return f"{flag} {path!r} holds no token"
     except (OSError, UnicodeDecodeError) as e:
-        return f"--auth-token-file {path!r} cannot be read: {e}"
+        return f"{flag} {path!r} cannot be read: {e}"
     return None
 
 
@@ -52,10 +52,12 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-class BearerTokenAuth(grpc.aio.ServerInterceptor):
+class BearerTokens:
+    """The accepted tokens, checked against an `Authorization` header (of gRPC metadata or HTTP)."""
+
     def __init__(self, tokens: list[str]):
         if not tokens:
-            raise ValueError("BearerTokenAuth needs at least one token")
+            raise ValueError("BearerTokens needs at least one token")
         self._digests = [_digest(t) for t in tokens]
 
     def accepts(self, token: str) -> bool:
@@ -65,16 +67,26 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
             matched |= hmac.compare_digest(digest, presented)
         return matched
 
+    def problem(self, header: str) -> str | None:
+        """None when the header carries an accepted token, else what is wrong (MISSING or INVALID)."""
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return MISSING
+        return None if self.accepts(token.strip()) else INVALID
+
+
+class BearerTokenAuth(grpc.aio.ServerInterceptor):
+    def __init__(self, tokens: list[str]):
+        self.tokens = BearerTokens(tokens)
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or is_open_method(handler_call_details.method):
             return handler
         header = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            log.warning("unauthenticated call", method=handler_call_details.method, reason="no bearer token")
-            return rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, MISSING)
-        if not self.accepts(token.strip()):
-            log.warning("unauthenticated call", method=handler_call_details.method, reason="invalid token")
-            return rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, INVALID)
+        problem = self.tokens.problem(header)
+        if problem is not None:
+            log.warning("unauthenticated call", method=handler_call_details.method,
+                        reason="no bearer token" if problem is MISSING else "invalid token")
+            return rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
         return handler

@@ -34,10 +34,13 @@ def config_problems(config: ControlPlaneConfig) -> list[str]:
         problem = path and check_pem_file(path, flag, kind)
         if problem:
             problems.append(problem)
-    if config.auth_token_file:
-        problem = token_file_problem(config.auth_token_file)
+    for flag, path in (("--auth-token-file", config.auth_token_file),
+                       ("--metrics-auth-token-file", config.metrics_auth_token_file)):
+        problem = path and token_file_problem(path, flag)
         if problem:
             problems.append(problem)
+    if config.metrics_auth_token_file and not config.metrics_port:
+        problems.append("--metrics-auth-token-file needs --metrics-port")
     for flag, port in (("--health-port", config.health_port), ("--metrics-port", config.metrics_port)):
         if not 0 <= port < 65536:
             problems.append(f"{flag} must be in [0, 65535], got {port}")
