@@ -70,15 +70,9 @@ def _serve(argv: list[str]) -> int:
 
 
 def start_dataplane_process(config, ready_file: str) -> subprocess.Popen:
-    from proto.options import describe_config
+    from nanoplane.local_planes import dataplane_command
 
-    cmd = [sys.executable, "-m", "dataplane", "--ready-file", ready_file]
-    for name, value in describe_config(config).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            cmd.append(flag if value else "--no-" + flag[2:])
-        else:
-            cmd += [flag, str(value)]
+    cmd = dataplane_command(config, ready_file)
     log.info("starting data plane process", command=" ".join(cmd))
     # its own session: a Ctrl-C meant for `serve` must not stop the data plane under in-flight requests;
     # serve drains them, then terminates it
