@@ -55,7 +55,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def build_engine(config: ControlPlaneConfig):
     """Connects to the data plane and builds everything the API needs from what it reports."""
     dataplane = DataPlaneClient(config.dataplane, dataplane_channel_credentials(config),
-                                dataplane_channel_options(config), config.transport, config.dataplane_max_message_bytes)
+                                dataplane_channel_options(config), config.transport, config.dataplane_max_message_bytes,
+                                config.dataplane_token_file, config.dataplane_liveness_timeout_s)
     info = dataplane.describe(config.dataplane_connect_timeout_s)
     dataplane.connect()  # --transport shm that cannot be is a start-up error
     tokenizer = load_tokenizer(config.tokenizer or info.model_path)

@@ -10,6 +10,7 @@ import grpc
 
 from controlplane.ops.auth import token_file_problem
 from controlplane.config import ControlPlaneConfig
+from proto.dataplane_access import token_file_problem as dataplane_token_file_problem
 from proto.transport import MIN_PING_INTERVAL_S, check_pem_file, client_options, read_pem, server_options
 
 # The public API pings idle clients this often, so a vanished client's streams are cancelled
@@ -36,6 +37,10 @@ def config_problems(config: ControlPlaneConfig) -> list[str]:
             problems.append(problem)
     if config.auth_token_file:
         problem = token_file_problem(config.auth_token_file)
+        if problem:
+            problems.append(problem)
+    if config.dataplane_token_file not in ("auto", ""):
+        problem = dataplane_token_file_problem(config.dataplane_token_file, "--dataplane-token-file")
         if problem:
             problems.append(problem)
     for flag, port in (("--health-port", config.health_port), ("--metrics-port", config.metrics_port)):
