@@ -173,6 +173,10 @@ class DataPlaneClient:
         # a stream that broke while the engine was idle (the data plane restarted, keepalive gave up on it)
         # is replaced rather than failing the request that comes next
         if self._stream is None or (not self._outstanding and self._stream.broken):
+            fenced = self._stream.fence_message() if self._stream is not None else ""
+            if fenced:
+                self._lost(DataPlaneFenced(fenced))
+                raise DataPlaneFenced(fenced)
             self.describe_once(5.0)  # the data plane may have restarted, on another socket
             self.connect()
         try:

@@ -36,6 +36,9 @@ class StepStream(Protocol):
         """The next result in plan order; raises DataPlaneUnavailable when the stream or the peer is gone,
         DataPlaneFenced when a newer control plane took the session."""
 
+    def fence_message(self) -> str:
+        """Of a stream that is broken: the data plane's message when a newer control plane fenced it, else ""."""
+
     def abort(self, reason: str) -> None:
         """From another thread (controlplane/link/liveness.py): a receive() that waits raises
         DataPlaneUnavailable(reason) soon."""

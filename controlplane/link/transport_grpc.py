@@ -42,6 +42,13 @@ class GrpcStepStream:
             raise DataPlaneUnavailable("data plane closed the step stream") from e
         return decode_result(pb)
 
+    def fence_message(self) -> str:
+        """Why a stream that ended was fenced (a newer control plane took the session), else ""."""
+        if not self._results.done() or self._results.code() != grpc.StatusCode.ABORTED:
+            return ""
+        details = self._results.details() or ""
+        return details if details.startswith(FENCED) else ""
+
     def abort(self, reason: str) -> None:
         self._aborted = reason
         self._results.cancel()

@@ -46,6 +46,17 @@ class ShmStepStream:
             raise DataPlaneUnavailable(f"the data plane sent a {type(result).__name__} frame, not a result")
         return result
 
+    def fence_message(self) -> str:
+        """Why a session that ended was fenced (the data plane's last frame says so), else ""."""
+        try:
+            frame = self.channel.receive(block=False)
+            result = step_frames.decode_frame(frame) if frame is not None else None
+        except (PeerGone, ValueError):
+            return ""
+        if isinstance(result, step_frames.ErrorFrame) and result.message.startswith(FENCED):
+            return result.message
+        return ""
+
     def abort(self, reason: str) -> None:
         self.channel.interrupt(reason)
 
