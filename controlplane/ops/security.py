@@ -72,8 +72,17 @@ def public_server_credentials(config: ControlPlaneConfig) -> grpc.ServerCredenti
     return grpc.ssl_server_credentials([(read_pem(config.tls_key), read_pem(config.tls_cert))])
 
 
+def max_pending_calls(config: ControlPlaneConfig) -> int:
+    """Calls gRPC core may hold before the servicer takes them. Past its default of 1,000 it cancels the excess
+    with a bare CANCELLED (a burst of 1,500 lost ~50), so allow a burst of several times --max-waiting-requests,
+    which admission control then answers with RESOURCE_EXHAUSTED, counted."""
+    return max(1000, 4 * config.max_waiting_requests)
+
+
 def public_server_options(config: ControlPlaneConfig) -> list[tuple[str, int]]:
-    return server_options(config.max_message_bytes, PUBLIC_KEEPALIVE_S, PUBLIC_KEEPALIVE_TIMEOUT_S)
+    return server_options(config.max_message_bytes, PUBLIC_KEEPALIVE_S, PUBLIC_KEEPALIVE_TIMEOUT_S) + [
+        ("grpc.server.max_pending_requests", max_pending_calls(config)),
+        ("grpc.server.max_pending_requests_hard_limit", 3 * max_pending_calls(config))]
 
 
 def dataplane_tls_enabled(config: ControlPlaneConfig) -> bool:
