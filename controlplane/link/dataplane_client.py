@@ -35,6 +35,7 @@ MAX_MESSAGE_BYTES = 256 * 2**20
 SHM_SLOT_BYTES = 64 * 2**20  # the default --dataplane-max-message-bytes
 MAX_OUTSTANDING = 2
 LIVENESS_TIMEOUT_S = ControlPlaneConfig.dataplane_liveness_timeout_s
+AUTO_TOKEN_RETRY_S = 2.0
 
 __all__ = ["DataPlaneClient", "DataPlaneFenced", "DataPlaneUnavailable", "tls_hint", "read_token"]
 
@@ -108,14 +109,17 @@ class DataPlaneClient:
 
     def describe(self, timeout_s: float = 60.0) -> dataplane_pb2.DataPlaneInfo:
         """Waits up to timeout_s for the data plane to come up, then returns its facts."""
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
         while True:
             try:
                 # not wait_for_ready: a refused connection or TLS handshake fails at once, with a reason to report
                 self.info = self.stub.Describe(dataplane_pb2.DescribeRequest(), timeout=5, metadata=self._metadata())
                 return self.info
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                # an auto token read a moment ago may be the file of a data plane that has since restarted
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED and (
+                        self.token_file != "auto" or time.monotonic() - started > AUTO_TOKEN_RETRY_S):
                     raise DataPlaneUnavailable(f"data plane at {self.target} refused this control plane: "
                                                f"{e.details()}") from e
                 if time.monotonic() > deadline:
