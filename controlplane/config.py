@@ -40,6 +40,11 @@ class ControlPlaneConfig:
     dataplane_keepalive_s: float = 5.0
     dataplane_keepalive_timeout_s: float = 5.0
     dataplane_health_interval_s: float = 2.0
+    dataplane_token_file: str = "auto"
+    dataplane_liveness_timeout_s: float = 8.0  # + up to 2 probes of 0.8 s: lost within 10 s
+    max_prompt_chars: int = 2**20
+    max_prompt_tokens: int = 2**18
+    tokenizer_workers: int = 2
 
     def validate(self) -> None:
         problems = []
@@ -61,6 +66,13 @@ class ControlPlaneConfig:
             problems.append(f"--max-waiting-requests must be >= 1, got {self.max_waiting_requests}")
         if self.max_pending_tokens < 1:
             problems.append(f"--max-pending-tokens must be >= 1, got {self.max_pending_tokens}")
+        if self.dataplane_liveness_timeout_s <= 0:
+            problems.append(f"--dataplane-liveness-timeout-s must be positive, got {self.dataplane_liveness_timeout_s}")
+        for flag, value in (("--max-prompt-chars", self.max_prompt_chars),
+                            ("--max-prompt-tokens", self.max_prompt_tokens),
+                            ("--tokenizer-workers", self.tokenizer_workers)):
+            if value < 1:
+                problems.append(f"{flag} must be >= 1, got {value}")
         from controlplane.ops.security import config_problems  # imports grpc, which config users need anyway
         problems += config_problems(self)
         if problems:
@@ -69,7 +81,7 @@ class ControlPlaneConfig:
 
 # Options of a data plane elsewhere; `nanoplane serve` starts its own on loopback and leaves them out.
 REMOTE_DATAPLANE_FIELDS = ("dataplane", "dataplane_tls_ca", "dataplane_tls_cert", "dataplane_tls_key",
-                           "dataplane_tls_server_name")
+                           "dataplane_tls_server_name", "dataplane_token_file")
 
 HELP = {
     "host": "address the public Generation API listens on",
@@ -108,4 +120,15 @@ HELP = {
     "dataplane_keepalive_s": "send the data plane a keepalive ping this often (seconds), to notice when it is gone",
     "dataplane_keepalive_timeout_s": "the data plane is gone when a ping gets no answer within this",
     "dataplane_health_interval_s": "how often the data plane's health is checked, for this plane's health",
+    "dataplane_token_file": "file holding the data plane's token (its --auth-token-file), presented on every call "
+                            "to it; auto: the per-launch token of a data plane on loopback, read from where it "
+                            "wrote it (none for another host: then give the file, or use mutual TLS)",
+    "dataplane_liveness_timeout_s": "while a step is outstanding, a data plane that neither answers it nor a health "
+                                    "probe for this long (frozen, stopped, a hung host) is declared lost and the "
+                                    "requests wait for it to come back (--dataplane-reconnect-timeout-s)",
+    "max_prompt_chars": "longest prompt (or chat messages' content together) in characters; longer ones get "
+                        "INVALID_ARGUMENT before they are tokenized",
+    "max_prompt_tokens": "most tokens a prompt may encode to (the model length also bounds it)",
+    "tokenizer_workers": "threads that tokenize prompts, off the API's event loop; also the most prompts tokenized "
+                         "at once (the others wait their turn)",
 }

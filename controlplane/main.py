@@ -6,6 +6,7 @@ import asyncio
 import gc
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -55,7 +56,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def build_engine(config: ControlPlaneConfig):
     """Connects to the data plane and builds everything the API needs from what it reports."""
     dataplane = DataPlaneClient(config.dataplane, dataplane_channel_credentials(config),
-                                dataplane_channel_options(config), config.transport, config.dataplane_max_message_bytes)
+                                dataplane_channel_options(config), config.transport, config.dataplane_max_message_bytes,
+                                config.dataplane_token_file, config.dataplane_liveness_timeout_s)
     info = dataplane.describe(config.dataplane_connect_timeout_s)
     dataplane.connect()  # --transport shm that cannot be is a start-up error
     tokenizer = load_tokenizer(config.tokenizer or info.model_path)
@@ -66,7 +68,8 @@ def build_engine(config: ControlPlaneConfig):
         eos_token_ids=tuple(eos), enable_prefix_caching=config.enable_prefix_caching))
     limits = RequestLimits(vocab_size=info.vocab_size, max_model_len=info.max_model_len,
                            kv_capacity_tokens=info.num_kv_blocks * info.block_size,
-                           max_logprobs=config.max_logprobs, max_n=config.max_n)
+                           max_logprobs=config.max_logprobs, max_n=config.max_n,
+                           max_prompt_chars=config.max_prompt_chars, max_prompt_tokens=config.max_prompt_tokens)
     model_info = generation_pb2.ModelInfo(
         model_name=config.served_model_name or info.model_name, architecture=info.architecture,
         max_model_len=info.max_model_len, kv_capacity_tokens=limits.kv_capacity_tokens, block_size=info.block_size,
@@ -90,6 +93,7 @@ class RunningControlPlane:
     readiness: Readiness
     drain: DrainInterceptor
     registry: Metrics
+    tokenize_pool: ThreadPoolExecutor
     health_server: grpc.aio.Server | None = None
     health_port: int = 0
     metrics: MetricsServer | None = None
@@ -102,6 +106,7 @@ class RunningControlPlane:
             await self.health_server.stop(0)
         if self.metrics is not None:
             self.metrics.stop()
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self.engine.dataplane.close()
 
 
@@ -133,8 +138,9 @@ async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane
     server = grpc.aio.server(interceptors=interceptors, options=public_server_options(config))
     admission = AdmissionControl(config.max_waiting_requests, config.max_pending_tokens,
                                  lambda: engine.num_running_requests)
+    tokenize_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="tokenize")
     generation_pb2_grpc.add_GenerationServicer_to_server(
-        GenerationServicer(engine, tokenizer, limits, model_info, admission), server)
+        GenerationServicer(engine, tokenizer, limits, model_info, admission, tokenize_pool), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -151,7 +157,8 @@ async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane
                             lambda: admission.num_rejected)
     registry.gauge("nanoplane:pending_tokens", "Prompt + max_tokens × n of the unfinished requests.",
                    lambda: admission.num_pending_tokens)
-    running = RunningControlPlane(server, engine, health_servicer, port, model_info, readiness, drain, registry)
+    running = RunningControlPlane(server, engine, health_servicer, port, model_info, readiness, drain, registry,
+                                  tokenize_pool)
     if config.metrics_port:
         metrics_tokens = load_tokens(config.metrics_auth_token_file, environ={}) \
             if config.metrics_auth_token_file else []

@@ -36,6 +36,8 @@ class DataPlaneConfig:
     health_port: int = 0
     keepalive_s: float = 10.0
     keepalive_timeout_s: float = 5.0
+    auth_token_file: str = "auto"  # auto | a path: the credential every DataPlane RPC must carry
+    insecure: bool = False  # serve whoever reaches --host without a credential
 
     def validate(self) -> None:
         problems = []
@@ -102,9 +104,15 @@ HELP = {
     "keepalive_s": "send the control plane a keepalive ping this often (seconds), to notice when it is gone "
                    "and free its Step stream",
     "keepalive_timeout_s": "the control plane is gone when a ping gets no answer within this",
+    "auth_token_file": "file holding the token every DataPlane RPC and shared-memory session must present (the "
+                       "control plane's --dataplane-token-file); auto: on a loopback --host without mutual TLS, a "
+                       "per-launch token written where only this user can read it and a control plane on this host "
+                       "finds it; elsewhere none, so a non-loopback --host needs mutual TLS, a file, or --insecure",
+    "insecure": "serve any process that reaches --host without a credential (no token, no mutual TLS)",
 }
 
 # What `nanoplane serve` fixes for the data plane it starts as a loopback child: the control
 # plane's flags of these names (--port, --tls-cert, ...) are about the control plane's own port.
 SERVE_CHILD_OVERRIDES = {"host": "127.0.0.1", "port": 0, "tls_cert": "", "tls_key": "", "tls_client_ca": "",
-                         "health_port": 0, "max_message_bytes": DataPlaneConfig.max_message_bytes}
+                         "health_port": 0, "max_message_bytes": DataPlaneConfig.max_message_bytes,
+                         "auth_token_file": "auto", "insecure": False}

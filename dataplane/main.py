@@ -23,7 +23,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run(config: DataPlaneConfig, ready_file: str | None = None) -> int:
-    from dataplane.security import grpc_server_options, server_credentials
+    from dataplane.security import grpc_server_options, open_without_token, server_credentials
     from dataplane.server import build_health_server, build_server, set_serving
     from dataplane.tp_group import start_runner
 
@@ -32,7 +32,8 @@ def run(config: DataPlaneConfig, ready_file: str | None = None) -> int:
     close_runner = getattr(runner, "close", lambda: None)  # stops the other tensor-parallel ranks
     try:
         server, port, health_servicer = build_server(runner, config.host, config.port, server_credentials(config),
-                                                     grpc_server_options(config), config.shm_socket)
+                                                     grpc_server_options(config), config.shm_socket,
+                                                     config.auth_token_file, open_without_token(config))
         health_server = None
         if config.health_port:
             health_server, _ = build_health_server(health_servicer, config.host, config.health_port)
@@ -47,7 +48,11 @@ def run(config: DataPlaneConfig, ready_file: str | None = None) -> int:
     set_serving(health_servicer, True)  # weights loaded, KV cache allocated
     log.info("data plane serving", address=f"{config.host}:{port}", tls=bool(config.tls_cert),
              shm_socket=server.shm.path if server.shm else None,
-             mutual_tls=bool(config.tls_client_ca), health_port=config.health_port or None)
+             mutual_tls=bool(config.tls_client_ca), health_port=config.health_port or None,
+             token=bool(server.token.token), token_file=server.token.written_path or config.auth_token_file or None)
+    if not server.token.token and not config.tls_client_ca:
+        log.warning("the data plane serves any process that reaches it (--insecure): no token, no mutual TLS",
+                    address=f"{config.host}:{port}")
     if ready_file:  # tells a parent process which port was picked; rename so it never reads half a file
         with open(ready_file + ".tmp", "w") as f:
             f.write(str(port))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -49,12 +50,14 @@ def _serve(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
 
-    with tempfile.TemporaryDirectory(prefix="nanoplane-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="nanoplane-") as tmp:  # 0700: the token file is this user's alone
         ready_file = os.path.join(tmp, "dataplane.port")
-        child = start_dataplane_process(dp_config, ready_file)
+        token_file = per_launch_token_file(tmp)
+        child = start_dataplane_process(dataclasses.replace(dp_config, auth_token_file=token_file), ready_file)
         try:
             port = wait_for_ready_file(ready_file, child, timeout_s=600)
-            cp_config = config_from_args(ControlPlaneConfig, args, dataplane=f"127.0.0.1:{port}")
+            cp_config = config_from_args(ControlPlaneConfig, args, dataplane=f"127.0.0.1:{port}",
+                                         dataplane_token_file=token_file)
             if args.http_port:
                 from nanoplane.serve_http import serve_with_gateway
                 code = asyncio.run(serve_with_gateway(cp_config, gateway_config))
@@ -67,6 +70,15 @@ def _serve(argv: list[str]) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
     return code or 0
+
+
+def per_launch_token_file(directory: str) -> str:
+    """A fresh data-plane token in a file of `directory` (owner-only), for a data plane child and its control plane."""
+    from proto.dataplane_access import new_token, write_token_file
+
+    path = os.path.join(directory, "dataplane.token")
+    write_token_file(path, new_token())
+    return path
 
 
 def start_dataplane_process(config, ready_file: str) -> subprocess.Popen:

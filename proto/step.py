@@ -108,7 +108,34 @@ class _StepPlanMethods:
             raise ValueError(f"plan {self.step_id}: an entry without tokens in the plan must run exactly 1 token")
         if np.any(self.run_num_tokens < 1):
             raise ValueError(f"plan {self.step_id}: every run entry must run at least 1 token")
+        if np.any(self.run_flags & ~np.uint8(RUN_SAMPLE | RUN_TOKENS_IN_PLAN | RUN_PROMPT_LOGPROBS)):
+            raise ValueError(f"plan {self.step_id}: run_flags has bits that mean nothing")
+        self._check_new_values()
         self._check_extras(in_plan)
+
+    def _check_new_values(self) -> None:
+        """Each new sequence's numbers in the ranges the control plane's validation allows (docs/sampling.md)."""
+        with np.errstate(invalid="ignore"):  # NaN compares False: it fails every range below
+            checks = (
+                ("new_num_cached_tokens", self.new_num_cached_tokens >= 0, ">= 0"),
+                ("new_num_prompt_tokens", self.new_num_prompt_tokens >= 0, ">= 0"),
+                ("new_temperature", np.isfinite(self.new_temperature) & (self.new_temperature >= 0),
+                 "a finite number >= 0"),
+                ("new_top_p", (self.new_top_p > 0) & (self.new_top_p <= 1), "in (0, 1]"),
+                ("new_top_k", (self.new_top_k == -1) | (self.new_top_k >= 1), "-1 (off) or >= 1"),
+                ("new_min_p", (self.new_min_p >= 0) & (self.new_min_p <= 1), "in [0, 1]"),
+                ("new_repetition_penalty", np.isfinite(self.new_repetition_penalty) & (self.new_repetition_penalty > 0),
+                 "a finite number > 0"),
+                ("new_presence_penalty", np.isfinite(self.new_presence_penalty), "finite"),
+                ("new_frequency_penalty", np.isfinite(self.new_frequency_penalty), "finite"),
+                ("new_min_tokens", self.new_min_tokens >= 0, ">= 0"),
+                ("new_num_logprobs", self.new_num_logprobs >= -1, ">= -1 (-1 = none)"),
+                ("new_num_prompt_logprobs", self.new_num_prompt_logprobs >= -1, ">= -1 (-1 = none)"),
+                ("new_has_seed", self.new_has_seed <= 1, "0 or 1"),
+            )
+        for name, ok, rule in checks:
+            if not np.all(ok):
+                raise ValueError(f"plan {self.step_id}: {name} must be {rule}, got {getattr(self, name)[~ok][0]}")
 
     def _check_extras(self, in_plan: np.ndarray) -> None:
         if np.any(self.new_num_stop_ids < 0) or int(self.new_num_stop_ids.sum()) != len(self.stop_ids):

@@ -1,8 +1,14 @@
 """`nanoplane serve` (the README's command, on a tiny model) and `nanoplane generate`, as real processes."""
 import os
+import re
 import signal
 import subprocess
 import sys
+
+import grpc
+import pytest
+
+from proto.nanoplane.v1 import dataplane_pb2, dataplane_pb2_grpc
 
 from tests.stack import ROOT, free_port, wait_for_port
 
@@ -25,6 +31,12 @@ def test_serve_then_generate_then_sigterm(tiny_model_dir, tmp_path):
                               f"127.0.0.1:{port}", "--temperature", "-1"], env=env, capture_output=True, text=True,
                              timeout=120)
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "temperature" in bad.stderr
+        # the data plane that serve started takes only its control plane: the per-launch token is serve's secret
+        dataplane = re.search(r"data plane serving\s+address=(\S+)", (tmp_path / "serve.log").read_text()).group(1)
+        with grpc.insecure_channel(dataplane) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                dataplane_pb2_grpc.DataPlaneStub(channel).Describe(dataplane_pb2.DescribeRequest(), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(60)

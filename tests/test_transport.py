@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from controlplane.link.dataplane_client import DataPlaneClient, DataPlaneUnavailable
+from controlplane.link.dataplane_client import DataPlaneClient, DataPlaneFenced, DataPlaneUnavailable
 from controlplane.link.transport import choose_transport
 from dataplane.config import DataPlaneConfig
 from dataplane.runner import ModelRunner
@@ -102,18 +102,24 @@ def test_forced_shm_without_it_on_offer_is_a_clear_error(dataplane):
         server.stop(0)
 
 
-def test_one_step_session_at_a_time_over_either_transport(dataplane):
+def test_a_newer_session_fences_the_older_over_either_transport(dataplane):
+    """One control plane drives at a time: the newest (authenticated) one; the one it fenced is told so and stops
+    (it never takes the data plane back, or two control planes would take it from each other in turn)."""
     runner, target, steps, _ = dataplane
     first, second, third = (DataPlaneClient(target, transport=t) for t in ("shm", "grpc", "shm"))
     try:
         first.connect()
         assert_same_result(first.step(steps[0][0]), steps[0][1])
-        with pytest.raises(DataPlaneUnavailable, match="FAILED_PRECONDITION.*one control plane at a time"):
-            second.step(steps[0][0])
-        with pytest.raises(DataPlaneUnavailable, match="refused.*one control plane at a time"):
-            third.connect()
-        first.close_stream()  # the data plane frees the session as soon as it sees the socket close
+        assert_same_result(second.step(steps[0][0]), steps[0][1])  # the same slot again: a clean batch
+        with pytest.raises(DataPlaneFenced, match="fenced: a newer control plane opened step session"):
+            first.step(steps[1][0])
+        assert first.fenced
+        with pytest.raises(DataPlaneFenced):
+            first.connect()
         assert_same_result(third.step(steps[0][0]), steps[0][1])
+        with pytest.raises(DataPlaneFenced, match="fenced"):
+            second.step(steps[1][0])
+        assert_same_result(third.step(steps[1][0]), steps[1][1])
     finally:
         for client in (first, second, third):
             client.close()

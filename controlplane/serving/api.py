@@ -2,11 +2,15 @@
 
 Thin on purpose: the rules live in validation.py, the bounds in admission.py, the work
 in engine.py; this module only maps between protobuf and those plain objects, and
-errors to status codes.
+errors to status codes. Validation, which tokenizes, runs on `tokenize_pool` (its
+--tokenizer-workers threads bound how many prompts are tokenized at once; the tokenizers
+library releases the GIL), never on the event loop that streams every other caller's tokens;
+a prompt over --max-prompt-chars is refused on the loop before any of that.
 """
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import structlog
@@ -15,7 +19,8 @@ from controlplane.serving.admission import RETRY_AFTER_METADATA, AdmissionContro
 from controlplane.serving.engine import Engine, EngineFailure, OutputStream, RequestOutput
 from controlplane.serving.logprobs import PositionLogprobs
 from controlplane.serving.tokenizer import Tokenizer
-from controlplane.serving.validation import InvalidRequest, RequestLimits, chat_messages, validate_generate
+from controlplane.serving.validation import (InvalidRequest, RequestLimits, chat_messages, check_prompt_size,
+                                             validate_generate)
 from proto.nanoplane.v1 import generation_pb2, generation_pb2_grpc
 
 log = structlog.get_logger("controlplane.serving.api")
@@ -43,16 +48,21 @@ def response_of(output: RequestOutput) -> generation_pb2.GenerateResponse:
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: RequestLimits, model_info: generation_pb2.ModelInfo,
-                 admission: AdmissionControl):
+                 admission: AdmissionControl, tokenize_pool: ThreadPoolExecutor):
         self.engine = engine
         self.tokenizer = tokenizer
         self.limits = limits
         self.model_info = model_info
         self.admission = admission
+        self.tokenize_pool = tokenize_pool
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn, *args)
 
     async def Generate(self, request, context):
         try:
-            validated = validate_generate(request, self.tokenizer, self.limits)
+            check_prompt_size(request, self.limits)
+            validated = await self._off_loop(validate_generate, request, self.tokenizer, self.limits)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         sampling = validated.sampling
@@ -95,13 +105,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Tokenize(self, request, context):
         kind = request.WhichOneof("input")
         try:
+            check_prompt_size(request, self.limits)
             if kind == "prompt":
                 add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-                ids = self.tokenizer.encode(request.prompt, add_special_tokens=add_special)
+                ids = await self._off_loop(self.tokenizer.encode, request.prompt, add_special)
             elif kind == "messages":
                 add_prompt = (request.messages.add_generation_prompt
                               if request.messages.HasField("add_generation_prompt") else True)
-                ids = self.tokenizer.apply_chat_template(chat_messages(request.messages), add_generation_prompt=add_prompt)
+                ids = await self._off_loop(self.tokenizer.apply_chat_template, chat_messages(request.messages),
+                                           add_prompt)
             else:
                 raise InvalidRequest("input", "set one of prompt or messages")
         except InvalidRequest as e:

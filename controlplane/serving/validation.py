@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from controlplane.config import ControlPlaneConfig
 from controlplane.core.sequence import SamplingOptions
 from controlplane.serving.tokenizer import Tokenizer
 from proto.sampling_schema import OPTIONS, check_value
@@ -29,6 +30,8 @@ class RequestLimits:
     kv_capacity_tokens: int
     max_logprobs: int = 20  # for logprobs and prompt_logprobs
     max_n: int = 16
+    max_prompt_chars: int = ControlPlaneConfig.max_prompt_chars
+    max_prompt_tokens: int = ControlPlaneConfig.max_prompt_tokens
 
 
 @dataclass(slots=True)
@@ -49,7 +52,27 @@ def chat_messages(pb_messages) -> list[dict]:
     return messages
 
 
+def check_prompt_size(request, limits: RequestLimits) -> None:
+    """The bounds that hold before any tokenizing (cheap: lengths only), so a huge prompt costs nothing."""
+    kind = request.WhichOneof("input")
+    if kind == "prompt":
+        num_chars = len(request.prompt)
+    elif kind == "messages":
+        num_chars = sum(len(m.content) for m in request.messages.messages)
+    elif kind == "prompt_token_ids":
+        if len(request.prompt_token_ids.ids) > limits.max_prompt_tokens:
+            raise InvalidRequest("prompt_token_ids", f"{len(request.prompt_token_ids.ids)} tokens; the server "
+                                                     f"takes at most {limits.max_prompt_tokens} (--max-prompt-tokens)")
+        return
+    else:
+        return
+    if num_chars > limits.max_prompt_chars:
+        raise InvalidRequest(kind, f"{num_chars} characters; the server takes at most {limits.max_prompt_chars} "
+                                   f"(--max-prompt-chars)")
+
+
 def prompt_token_ids(request, tokenizer: Tokenizer, limits: RequestLimits) -> list[int]:
+    check_prompt_size(request, limits)
     kind = request.WhichOneof("input")
     if kind is None:
         raise InvalidRequest("input", "set one of prompt, prompt_token_ids or messages")
@@ -75,6 +98,9 @@ def prompt_token_ids(request, tokenizer: Tokenizer, limits: RequestLimits) -> li
             raise InvalidRequest("messages", str(e)) from e
     if not ids:
         raise InvalidRequest(kind, "the prompt encodes to no tokens")
+    if len(ids) > limits.max_prompt_tokens:
+        raise InvalidRequest(kind, f"the prompt has {len(ids)} tokens; the server takes at most "
+                                   f"{limits.max_prompt_tokens} (--max-prompt-tokens)")
     return ids
 
 
