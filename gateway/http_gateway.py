@@ -30,6 +30,7 @@ from gateway.http_server import EventStream, HttpRequest, HttpResponse, HttpServ
 from gateway.openai_protocol import GenerationJob, OpenAIError, error_of, parse_chat_request, \
     parse_completion_request
 from gateway.openai_responses import chat_delta_choice, chunk, completion_choice, full_body, sse, usage_of
+from proto.model_names import model_name_of_file
 
 log = structlog.get_logger("gateway.http_gateway")
 
@@ -143,7 +144,8 @@ class OpenAIGateway:
     async def _model_name(self, requested: str | None) -> str:
         # asked each time, not cached: with auth on, the call checks this caller's token
         name = (await self.client.model_info()).model_name
-        if requested is not None and requested != name:
+        if requested is not None and requested != name and not (requested.endswith(".gguf")
+                                                                and model_name_of_file(requested) == name):
             raise OpenAIError(404, f"The model `{requested}` does not exist; this server serves `{name}`.",
                               param="model", code="model_not_found")
         return name
