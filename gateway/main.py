@@ -78,12 +78,14 @@ async def serve_with_gateway(cp_config, http_port: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from proto.logs import configure_logging
+    from proto.logs import add_logging_arguments, configure_logging_from_args
+    from proto.options import usage_error
+    from proto.preflight import port_problem
 
-    configure_logging()
-    parser = argparse.ArgumentParser(prog="nanoplane gateway", description=(
-        "Serve OpenAI-compatible HTTP (/v1/models, /v1/completions, /v1/chat/completions) in front of a running "
-        "nanoplane control plane."))
+    parser = argparse.ArgumentParser(prog="nanoplane gateway", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     description=("Serve OpenAI-compatible HTTP (/v1/models, /v1/completions, "
+                                                  "/v1/chat/completions) in front of a running nanoplane control "
+                                                  "plane."))
     parser.add_argument("--target", default=os.environ.get("NANOPLANE_TARGET", "localhost:50051"),
                         help="HOST:PORT of the control plane's gRPC API [env NANOPLANE_TARGET]")
     parser.add_argument("--host", default="127.0.0.1", help="address the HTTP server listens on")
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest request body accepted (413 beyond)")
     parser.add_argument("--tls-ca", default=os.environ.get("NANOPLANE_TLS_CA", ""),
                         help="PEM CA certificate: reach the target over TLS verified against it [env NANOPLANE_TLS_CA]")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
+    configure_logging_from_args(args)
     if not 0 <= args.http_port < 65536:
         parser.error(f"--http-port must be in [0, 65535], got {args.http_port}")
     if args.max_body_bytes < 1:
@@ -103,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         root_certificates = Path(args.tls_ca).read_bytes() if args.tls_ca else None
     except OSError as e:
         parser.error(f"--tls-ca {args.tls_ca!r} cannot be read: {e}")
+    problem = port_problem(args.host, args.http_port, "--http-port")
+    if problem:
+        return usage_error(parser.prog, problem)
     return asyncio.run(serve_gateway(args.target, args.host, args.http_port, args.max_body_bytes, root_certificates))
 
 

@@ -104,10 +104,10 @@ def configure_logging(level: str | None = None, json: bool | None = None, log_fo
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=LOG_FORMATS, default=os.environ.get(FORMAT_ENV, _DEFAULT_FORMAT),
                         help="auto (console lines when stderr is a terminal, else one JSON object per line), json "
-                             f"or console [env {FORMAT_ENV}, default {_DEFAULT_FORMAT!r}]")
+                             f"or console [env {FORMAT_ENV}, default %(default)r]")
     parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower,
                         default=os.environ.get(LEVEL_ENV, _DEFAULT_LEVEL),
-                        help=f"least severe level logged [env {LEVEL_ENV}, default {_DEFAULT_LEVEL!r}]")
+                        help=f"least severe level logged [env {LEVEL_ENV}, default %(default)r]")
 
 
 def configure_logging_from_args(args: argparse.Namespace) -> None:
