@@ -140,8 +140,8 @@ def test_readme_commands_and_snippets(env, tmp_path):
         return run(f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}", what).stdout
 
     try:
-        # the model loads three times (serve, the separate data plane, the offline LLM): all at once
-        # its port by environment, so that the command stays as written
+        # the model loads three times (serve, the separate data plane, the offline LLM): all at once;
+        # serve's port by environment, so that its command stays as written
         serve, serve_log = start(serve_command, "serve", NANOPLANE_CP_PORT=str(serve_port))
         dataplane_cmd, controlplane_cmd = (readme.command(r"^nanoplane dataplane"),
                                            readme.command(r"^nanoplane controlplane"))
@@ -151,9 +151,15 @@ def test_readme_commands_and_snippets(env, tmp_path):
                                    cwd=tmp_path, stdout=subprocess.PIPE, stderr=offline_log.open("w"), text=True,
                                    start_new_session=True)
         procs.append(offline)
+        ports = {"50051": serve_port, "8000": http_port}
+        gateway, gateway_log = start(with_ports(readme.command(r"^nanoplane gateway"), ports), "gateway")
+
+        # separate hosts: host A is this host; the control plane finds the embedded default's tokenizer here
+        wait_listening(dp_port, dataplane, dp_log)
+        hosts = {"hostA": "127.0.0.1", "50061": dp_port, "50051": cp_port}
+        controlplane, cp_log = start(with_ports(controlplane_cmd, hosts), "controlplane")
 
         wait_listening(serve_port, serve, serve_log)
-        ports = {"50051": serve_port, "8000": http_port}
         client_out = run_python(with_ports(readme.snippet(r"from client import Client"), ports), "Client snippet")
         assert "Paris" in client_out.splitlines()[0], client_out  # the chat answer, on a line of its own
         assert re.search(r" (length|stop) Usage\(prompt_tokens=\d+, completion_tokens=\d+", client_out), client_out
@@ -169,7 +175,6 @@ def test_readme_commands_and_snippets(env, tmp_path):
         health = run(with_ports(readme.command(r"Health/Check"), ports), "grpcurl health").stdout
         assert json.loads(health) == {"status": "SERVING"}
 
-        gateway, gateway_log = start(with_ports(readme.command(r"^nanoplane gateway"), ports), "gateway")
         wait_listening(http_port, gateway, gateway_log)
         openai_out = run_python(with_ports(readme.snippet(r"from openai import OpenAI"), ports), "OpenAI snippet")
         assert openai_out.strip(), "the OpenAI snippet streamed no text"
@@ -179,10 +184,6 @@ def test_readme_commands_and_snippets(env, tmp_path):
             f"http://127.0.0.1:{http_port}/v1/models/SmolLM2-135M-Instruct.Q4_1.gguf", timeout=30))
         assert by_file_name["id"] == "SmolLM2-135M-Instruct"
 
-        # separate hosts: host A is this host; the control plane finds the embedded default's tokenizer here
-        wait_listening(dp_port, dataplane, dp_log)
-        hosts = {"hostA": "127.0.0.1", "50061": dp_port, "50051": cp_port}
-        controlplane, cp_log = start(with_ports(controlplane_cmd, hosts), "controlplane")
         wait_listening(cp_port, controlplane, cp_log)
         remote = run(generate_cmd, "generate through the separate planes", NANOPLANE_TARGET=f"localhost:{cp_port}")
         assert "Paris" in remote.stdout
