@@ -50,6 +50,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     rank: int
+    token: str = ""  # the token's text (decoded alone)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class ModelInfo:
 
 def _logprobs_from_proto(entries) -> list[PositionLogprobs]:
     def token(t):
-        return TokenLogprob(t.token_id, t.logprob, t.rank)
+        return TokenLogprob(t.token_id, t.logprob, t.rank, t.token)
     return [PositionLogprobs(token(e.token), [token(t) for t in e.top]) for e in entries]
 
 

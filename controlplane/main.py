@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +32,10 @@ from controlplane.ops.shutdown import DrainInterceptor, drain_and_stop
 from controlplane.ops.telemetry import EngineTelemetry
 from controlplane.serving.tokenizer import load_tokenizer
 from controlplane.serving.validation import RequestLimits
-from proto.logs import configure_logging
+from proto.logs import add_logging_arguments, configure_logging_from_args
 from proto.nanoplane.v1 import generation_pb2, generation_pb2_grpc
-from proto.options import add_config_arguments, config_from_args, describe_config
+from proto.options import add_config_arguments, config_from_args, describe_config, usage_error
+from proto.preflight import port_problem, resolve_problem
 
 log = structlog.get_logger("controlplane")
 
@@ -48,19 +50,35 @@ HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="nanoplane controlplane", description=__doc__)
+    parser = parser or argparse.ArgumentParser(prog="nanoplane controlplane", usage="%(prog)s [options]",
+                                               description=__doc__)
     add_config_arguments(parser, ControlPlaneConfig, ENV_PREFIX, HELP)
+    add_logging_arguments(parser)
     return parser
 
 
-def build_engine(config: ControlPlaneConfig):
+def tokenizer_path(config: ControlPlaneConfig, model_path: str, local_models: dict[str, str]) -> str:
+    """--tokenizer, else the data plane's model path when this host has it, else the model of that file name
+    that this host has (local_models: file name -> path, as `nanoplane controlplane` knows the embedded one)."""
+    if config.tokenizer:
+        return config.tokenizer
+    if os.path.exists(model_path):
+        return model_path
+    name = os.path.basename(model_path.rstrip("/"))
+    if name in local_models:
+        return local_models[name]
+    raise RuntimeError(f"the data plane serves {model_path}, which is not on this host; pass --tokenizer PATH "
+                       "(that model's folder or .gguf file on this host)")
+
+
+def build_engine(config: ControlPlaneConfig, local_models: dict[str, str] | None = None):
     """Connects to the data plane and builds everything the API needs from what it reports."""
     dataplane = DataPlaneClient(config.dataplane, dataplane_channel_credentials(config),
                                 dataplane_channel_options(config), config.transport, config.dataplane_max_message_bytes,
                                 config.dataplane_token_file, config.dataplane_liveness_timeout_s)
     info = dataplane.describe(config.dataplane_connect_timeout_s)
     dataplane.connect()  # --transport shm that cannot be is a start-up error
-    tokenizer = load_tokenizer(config.tokenizer or info.model_path)
+    tokenizer = load_tokenizer(tokenizer_path(config, info.model_path, local_models or {}))
     eos = sorted(set(info.eos_token_ids) | set(tokenizer.eos_token_ids))
     scheduler = Scheduler(SchedulerConfig(
         num_blocks=info.num_kv_blocks, block_size=info.block_size, max_num_seqs=info.max_num_seqs,
@@ -129,8 +147,9 @@ async def start_health_server(health_servicer: health.aio.HealthServicer, addres
     return server, port
 
 
-async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane:
-    engine, tokenizer, limits, model_info = build_engine(config)
+async def start_control_plane(config: ControlPlaneConfig,
+                              local_models: dict[str, str] | None = None) -> RunningControlPlane:
+    engine, tokenizer, limits, model_info = build_engine(config, local_models)
     tokens = load_tokens(config.auth_token_file)
     drain = DrainInterceptor()
     # request decoding outermost: it must see every handler, a refusing one too
@@ -184,10 +203,10 @@ def settle_heap() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
-async def serve(config: ControlPlaneConfig) -> int:
+async def serve(config: ControlPlaneConfig, local_models: dict[str, str] | None = None) -> int:
     """Serves until SIGTERM or SIGINT, then shuts down gracefully; the exit code (1 = could not start)."""
     try:
-        running = await start_control_plane(config)
+        running = await start_control_plane(config, local_models)
     except (DataPlaneUnavailable, RuntimeError, ValueError, OSError) as e:
         log.error("control plane could not start", error=str(e))
         print(f"nanoplane controlplane: error: {e}", file=sys.stderr)
@@ -203,16 +222,27 @@ async def serve(config: ControlPlaneConfig) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_logging()
+def listen_problem(config: ControlPlaneConfig) -> str | None:
+    """A port of this plane that something else holds: found before waiting for the data plane."""
+    return (port_problem(config.host, config.port, "--port")
+            or port_problem(config.host, config.health_port, "--health-port")
+            or port_problem(config.host, config.metrics_port, "--metrics-port"))
+
+
+def main(argv: list[str] | None = None, local_models: dict[str, str] | None = None) -> int:
+    """local_models: file name -> path of models this host has, for the tokenizer (see tokenizer_path)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging_from_args(args)
     try:
         config = config_from_args(ControlPlaneConfig, args)
     except ValueError as e:
-        parser.error(str(e))
+        return usage_error(parser.prog, str(e))
+    problem = listen_problem(config) or resolve_problem(config.dataplane, "--dataplane")
+    if problem:
+        return usage_error(parser.prog, problem)
     log.info("starting control plane", **describe_config(config))
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, local_models))
 
 
 if __name__ == "__main__":

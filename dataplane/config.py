@@ -1,6 +1,7 @@
 """DataPlaneConfig: every option of the data plane, filled from flags or environment, validated once."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 ENV_PREFIX = "NANOPLANE_DP_"
@@ -43,6 +44,8 @@ class DataPlaneConfig:
         problems = []
         if not self.model:
             problems.append("--model is required (a Hugging Face folder or a .gguf file)")
+        else:
+            problems += model_path_problems(self.model)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             problems.append(f"--block-size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:
@@ -70,8 +73,21 @@ class DataPlaneConfig:
             raise ValueError("invalid data plane configuration: " + "; ".join(problems))
 
 
+def model_path_problems(model: str) -> list[str]:
+    """Checked before anything loads, so that a mistyped path is one line, not a traceback from the loader."""
+    if not os.path.exists(model):
+        return [f"--model {model}: no such file or folder; give a Hugging Face folder (config.json + "
+                "safetensors) or a .gguf file"]
+    if os.path.isdir(model) and not os.path.exists(os.path.join(model, "config.json")):
+        return [f"--model {model}: the folder has no config.json; give a Hugging Face folder or a .gguf file"]
+    if os.path.isfile(model) and not model.endswith(".gguf"):
+        return [f"--model {model}: a file that is not .gguf; give a Hugging Face folder or a .gguf file"]
+    return []
+
+
 HELP = {
-    "model": "Hugging Face folder (config.json + safetensors) or .gguf file to serve",
+    "model": "Hugging Face folder (config.json + safetensors) or .gguf file to serve; `nanoplane serve` and "
+             "`nanoplane dataplane` serve the embedded SmolLM2-135M-Instruct when it is empty",
     "load_format": "auto (weights from the checkpoint) or dummy (random weights of config.json's architecture)",
     "host": "address the DataPlane gRPC service listens on",
     "port": "port the DataPlane gRPC service listens on (0 = pick a free one)",

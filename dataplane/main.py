@@ -6,19 +6,23 @@ import os
 import signal
 import sys
 import threading
+from typing import Callable
 
 import structlog
 
 from dataplane.config import ENV_PREFIX, HELP, DataPlaneConfig
-from proto.logs import configure_logging
-from proto.options import add_config_arguments, config_from_args, describe_config
+from proto.logs import add_logging_arguments, configure_logging_from_args
+from proto.options import add_config_arguments, config_from_args, describe_config, usage_error
+from proto.preflight import port_problem
 
 log = structlog.get_logger("dataplane")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="nanoplane dataplane", description=__doc__)
+    parser = parser or argparse.ArgumentParser(prog="nanoplane dataplane", usage="%(prog)s [options]",
+                                               description=__doc__)
     add_config_arguments(parser, DataPlaneConfig, ENV_PREFIX, HELP)
+    add_logging_arguments(parser)
     return parser
 
 
@@ -70,15 +74,21 @@ def run(config: DataPlaneConfig, ready_file: str | None = None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_logging()
+def main(argv: list[str] | None = None, default_model: Callable[[], str] | None = None) -> int:
+    """default_model: where the model is when --model is empty (`nanoplane dataplane` knows the embedded one)."""
     parser = build_parser()
     parser.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    configure_logging_from_args(args)
     try:
-        config = config_from_args(DataPlaneConfig, args)
-    except ValueError as e:
-        parser.error(str(e))
+        model = args.model or (default_model() if default_model else "")
+        config = config_from_args(DataPlaneConfig, args, model=model)
+    except (ValueError, FileNotFoundError) as e:
+        return usage_error(parser.prog, str(e))
+    problem = port_problem(config.host, config.port, "--port") or port_problem(config.host, config.health_port,
+                                                                               "--health-port")
+    if problem:
+        return usage_error(parser.prog, problem)
     return run(config, args.ready_file)
 
 

@@ -39,15 +39,17 @@ async def serve_gateway(config: GatewayConfig, root_certificates: bytes | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    from proto.logs import configure_logging
-    from proto.options import add_config_arguments, config_from_args
+    from proto.logs import add_logging_arguments, configure_logging_from_args
+    from proto.options import add_config_arguments, config_from_args, usage_error
+    from proto.preflight import port_problem
 
-    configure_logging()
     parser = argparse.ArgumentParser(prog="nanoplane gateway", description=(
         "Serve OpenAI-compatible HTTP (/v1/models, /v1/completions, /v1/chat/completions; /health, /ready; "
         "the OpenAPI schema at /docs) in front of a running nanoplane control plane."))
     add_config_arguments(parser, GatewayConfig, ENV_PREFIX, HELP)
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
+    configure_logging_from_args(args)
     try:
         config = config_from_args(GatewayConfig, args)
     except ValueError as e:
@@ -56,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         root_certificates = Path(config.tls_ca).read_bytes() if config.tls_ca else None
     except OSError as e:
         parser.error(f"--tls-ca {config.tls_ca!r} cannot be read: {e}")
+    problem = port_problem(config.host, config.http_port, "--http-port")
+    if problem:
+        return usage_error(parser.prog, problem)
     return asyncio.run(serve_gateway(config, root_certificates))
 
 

@@ -95,7 +95,7 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    tokens: list[str] = Field(description="`token_id:N`: the gateway holds no tokenizer")
+    tokens: list[str] = Field(description="each token's text (`token_id:N` when the server sends none)")
     token_logprobs: list[float]
     top_logprobs: list[dict[str, float]]
 

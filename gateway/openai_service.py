@@ -24,6 +24,7 @@ from client.types import GenerationDelta, GenerationResult, ModelInfo, results_b
 from gateway.forwarded_auth import forwarding_channel
 from gateway.openai_protocol import GenerationJob, OpenAIError, error_of
 from gateway.openai_responses import chat_delta_choice, chunk, completion_choice, full_body, sse, usage_of
+from proto.model_names import model_name_of_file
 
 log = structlog.get_logger("gateway.openai_service")
 
@@ -103,7 +104,8 @@ class OpenAIService:
     async def _model_name(self, requested: str | None) -> str:
         # asked each time, not cached: with auth on, the call checks this caller's token
         name = (await self.client.model_info()).model_name
-        if requested is not None and requested != name:
+        if requested is not None and requested != name and not (requested.endswith(".gguf")
+                                                                and model_name_of_file(requested) == name):
             raise OpenAIError(404, f"The model `{requested}` does not exist; this server serves `{name}`.",
                               param="model", code="model_not_found")
         return name

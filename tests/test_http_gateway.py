@@ -250,13 +250,18 @@ def test_logprobs_and_vllm_sampling_fields(oai, model):
                                         extra_body={"ignore_eos": True, "min_p": 0.01})
     lp = completion.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
-    assert all(t.startswith("token_id:") for t in lp.tokens) and all(len(top) == 2 for top in lp.top_logprobs)
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    # tokens by their text: together they spell the completion (unless one is a piece of a multi-byte character)
+    assert not any(t.startswith("token_id:") for t in lp.tokens)
+    assert "".join(lp.tokens) == completion.choices[0].text or any("\ufffd" in t for t in lp.tokens)
     assert all(x <= 0 for x in lp.token_logprobs)
     chat = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                        logprobs=True, top_logprobs=3, presence_penalty=0.5, frequency_penalty=0.5,
                                        extra_body={"ignore_eos": True})
     content = chat.choices[0].logprobs.content
     assert len(content) == 4 and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.bytes == list(c.token.encode()) and c.token and not c.token.startswith("token_id:")
+               for c in content)
     streamed = list(oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
                                                 max_tokens=4, logprobs=True, stream=True,
                                                 extra_body={"ignore_eos": True}))

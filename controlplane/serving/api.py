@@ -26,17 +26,24 @@ from proto.nanoplane.v1 import generation_pb2, generation_pb2_grpc
 log = structlog.get_logger("controlplane.serving.api")
 
 
-def logprobs_proto(entries: list[PositionLogprobs] | None) -> list[generation_pb2.PositionLogprobs]:
+def logprobs_proto(entries: list[PositionLogprobs] | None,
+                   tokenizer: Tokenizer) -> list[generation_pb2.PositionLogprobs]:
+    if not entries:
+        return []
+    ids = sorted({t.token_id for e in entries for t in (e.token, *e.top)})
+    text_of = dict(zip(ids, tokenizer.decode_batch([[i] for i in ids])))
+
     def token(t):
-        return generation_pb2.TokenLogprob(token_id=t.token_id, logprob=t.logprob, rank=t.rank)
-    return [generation_pb2.PositionLogprobs(token=token(e.token), top=[token(t) for t in e.top]) for e in entries or ()]
+        return generation_pb2.TokenLogprob(token_id=t.token_id, logprob=t.logprob, rank=t.rank,
+                                           token=text_of[t.token_id])
+    return [generation_pb2.PositionLogprobs(token=token(e.token), top=[token(t) for t in e.top]) for e in entries]
 
 
-def response_of(output: RequestOutput) -> generation_pb2.GenerateResponse:
+def response_of(output: RequestOutput, tokenizer: Tokenizer) -> generation_pb2.GenerateResponse:
     response = generation_pb2.GenerateResponse(request_id=output.request_id, text=output.text,
                                                token_ids=output.token_ids, index=output.index,
-                                               logprobs=logprobs_proto(output.logprobs),
-                                               prompt_logprobs=logprobs_proto(output.prompt_logprobs))
+                                               logprobs=logprobs_proto(output.logprobs, tokenizer),
+                                               prompt_logprobs=logprobs_proto(output.prompt_logprobs, tokenizer))
     if output.finish_reason is not None:
         response.finish_reason = output.finish_reason
         u = output.usage
@@ -87,7 +94,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 if isinstance(output, EngineFailure):
                     finished = True
                     await context.abort(grpc.StatusCode[output.code], output.message)
-                yield response_of(output)
+                yield response_of(output, self.tokenizer)
                 if output.finish_reason is not None:
                     num_unfinished -= 1
                     log.info("request finished" if not num_unfinished else "sample finished", request_id=request_id,
