@@ -59,7 +59,7 @@ class InProcessControlPlane:
         """One sample of the control plane's metrics by `name` or `name{label="value"}` (model_name left out)."""
         for line in self.control_plane.registry.render().splitlines():
             name_labels, _, value = line.rpartition(" ")
-            if re.sub(r'model_name="[^"]*",?', "", name_labels).replace("{}", "") == sample:
+            if re.sub(r'(model_name|dataplane)="[^"]*",?', "", name_labels).replace("{}", "") == sample:
                 return float(value)
         raise KeyError(f"no metric sample {sample}")
 

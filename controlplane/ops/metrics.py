@@ -130,21 +130,45 @@ class Histogram(_Metric):
 
 
 class Registry:
+    """Metrics by name; `labelled(labels)` gives a view whose metrics render under the same names with those
+    labels added (one series per data plane), so several objects may register a metric of one name."""
+
     def __init__(self, const_labels: dict[str, str] | None = None):
         self.const_labels = dict(const_labels or {})
-        self._metrics: list[_Metric] = []
+        self._families: dict[str, list[tuple[_Metric, dict[str, str]]]] = {}
+        self._lock = threading.Lock()
 
-    def add(self, metric):
-        if any(m.name == metric.name for m in self._metrics):
-            raise ValueError(f"metric {metric.name} is registered twice")
-        self._metrics.append(metric)
+    def add(self, metric, labels: dict[str, str] | None = None):
+        labels = dict(labels or {})
+        with self._lock:
+            family = self._families.setdefault(metric.name, [])
+            if any(existing == labels for _, existing in family):
+                raise ValueError(f"metric {metric.name} is registered twice")
+            if family and family[0][0].kind != metric.kind:
+                raise ValueError(f"metric {metric.name} is registered as {family[0][0].kind} and {metric.kind}")
+            family.append((metric, labels))
         return metric
+
+    def labelled(self, labels: dict[str, str]) -> "LabelledRegistry":
+        return LabelledRegistry(self, labels)
 
     def render(self) -> str:
         lines: list[str] = []
-        for metric in self._metrics:
-            lines += metric.header() + metric.samples(self.const_labels)
+        with self._lock:
+            families = [list(f) for f in self._families.values()]
+        for family in families:
+            lines += family[0][0].header()
+            for metric, labels in family:
+                lines += metric.samples({**self.const_labels, **labels})
         return "\n".join(lines) + "\n"
+
+
+class LabelledRegistry:
+    def __init__(self, parent: Registry, labels: dict[str, str]):
+        self.parent, self.labels = parent, labels
+
+    def add(self, metric):
+        return self.parent.add(metric, self.labels)
 
 
 class MetricsServer:
