@@ -212,4 +212,4 @@ def test_a_request_lands_where_its_prefix_is_cached(stack):
     second = stack.client.generate(shared + "second question", SamplingParams(max_tokens=2, temperature=0))
     assert router.num_prefix_placements == before + 1
     # only the plane that ran the first holds this prefix: a hit proves the second went there
-    assert second.usage.cached_prompt_tokens >= 48 > first.usage.cached_prompt_tokens
+    assert second.usage.cached_prompt_tokens == 32 > first.usage.cached_prompt_tokens  # 46 tokens: 2 full blocks
