@@ -5,6 +5,7 @@
   nanoplane dataplane --model PATH        the data plane alone
   nanoplane generate "text"               one-shot client of a running server
   nanoplane gateway --target H:P          OpenAI-compatible HTTP in front of a running server
+  nanoplane admin list|drain|undrain|join   the control plane's data planes (admin token)
 """
 from __future__ import annotations
 
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "dataplane":
         from dataplane.main import main as dataplane_main
         return dataplane_main(argv[1:])
+    if argv and argv[0] == "admin":
+        from nanoplane.admin_cli import main as admin_main
+        return admin_main(argv[1:])
     if argv and argv[0] == "gateway":
         from gateway.main import main as gateway_main
         return gateway_main(argv[1:])

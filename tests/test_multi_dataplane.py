@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from client import Client, SamplingParams
+from nanoplane.admin_cli import main as admin_main
 from proto.nanoplane.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 from tests.stack import DataPlaneProcess, InProcessControlPlane
 
@@ -160,7 +161,8 @@ def test_sigkill_of_one_of_three_data_planes_loses_nothing(stack, planes, refere
     assert victim_engine.num_steps > before, "the rejoined data plane got no work"
 
 
-def test_drain_under_load_fails_nothing_and_a_new_plane_joins(stack, planes, tiny_model_dir, tmp_path):
+def test_drain_under_load_fails_nothing_and_a_new_plane_joins(stack, planes, tiny_model_dir, tmp_path,
+                                                               admin_token_file, capsys):
     router = stack.control_plane.router
     wait_until(lambda: all(s == "serving" for s in states(stack).values()), 30, "not every data plane serves")
     channel, stub, md = admin(stack)
@@ -192,7 +194,14 @@ def test_drain_under_load_fails_nothing_and_a_new_plane_joins(stack, planes, tin
             more.join()
             assert more.errors == {}
             assert router.member(newcomer.target).engine.num_steps > 0, "the new plane got no work"
-            stub.UndrainDataPlane(admin_pb2.UndrainDataPlaneRequest(address=drained), metadata=md)
+            cli = ["--target", stack.target, "--admin-token-file", admin_token_file]
+            capsys.readouterr()
+            assert admin_main([*cli, "list"]) == 0
+            listed = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+            assert listed[drained] == "drained" and listed[newcomer.target] == "serving"
+            assert admin_main([*cli, "undrain", drained]) == 0
+            assert admin_main(["--target", stack.target, "list"]) == 1  # no token: refused
+            assert "UNAUTHENTICATED" in capsys.readouterr().err
             with grpc.insecure_channel(stack.target) as public:
                 info = generation_pb2_grpc.GenerationStub(public).GetModelInfo(generation_pb2.GetModelInfoRequest())
             assert {d.address: d.state for d in info.dataplanes}[drained] == "serving"
