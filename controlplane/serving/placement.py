@@ -9,13 +9,17 @@ busy even with few of them.
 already cached, as long as that plane is not much busier than the least loaded one:
 planes whose load is within PREFIX_LOAD_SLACK of the lowest are candidates; among them
 the most cached full blocks win, then the lower load, then turn order. With no prefix
-cached anywhere it is least-loaded. The cache is read from the engine threads'
+cached anywhere it is least-loaded. Blocks still being computed are not in any cache yet,
+so a burst of requests with one new prefix would scatter; the policy also remembers where
+it sent each prefix block lately (RECENT_BLOCKS of them) and counts a plane's match there as
+cached. The cache is read from the engine threads'
 BlockManagers without a lock: a lookup may miss a block registered a moment ago, which
 costs a hit, never a wrong token (admission looks the prefix up again on its thread).
 """
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +28,7 @@ from controlplane.core.block_manager import NO_HASH, chain_hash
 POLICIES = ("prefix", "least-loaded", "round-robin")
 # how much busier (in load, 0..1) than the least loaded plane a plane holding the prefix may be and still get it
 PREFIX_LOAD_SLACK = 0.25
+RECENT_BLOCKS = 65536  # prefix blocks whose last placement is remembered
 
 
 @dataclass(slots=True)
@@ -61,6 +66,7 @@ class Placement:
         self.policy = policy
         self.block_size = block_size
         self._turn = itertools.count()
+        self._recent: OrderedDict[int, str] = OrderedDict()  # prefix block hash → address it was last sent to
 
     def choose(self, views: list[PlacementView], token_ids: list[int]) -> tuple[PlacementView, int]:
         """The plane for a request of token_ids, and how many of its full blocks that plane has cached."""
@@ -76,6 +82,20 @@ class Placement:
         hashes = prefix_hashes(token_ids, self.block_size)
         lowest = min(v.load for v in views)
         candidates = [v for v in views if v.load <= lowest + PREFIX_LOAD_SLACK]
-        cached = {id(v): v.cached_blocks(hashes) if hashes else 0 for v in candidates}
+        cached = {id(v): max(v.cached_blocks(hashes), self._recently_sent(v.address, hashes)) if hashes else 0
+                  for v in candidates}
         view = min(candidates, key=lambda v: (-cached[id(v)], v.load, order[id(v)]))
+        for h in hashes:
+            self._recent[h] = view.address
+            self._recent.move_to_end(h)
+        while len(self._recent) > RECENT_BLOCKS:
+            self._recent.popitem(last=False)
         return view, cached[id(view)]
+
+    def _recently_sent(self, address: str, hashes: list[int]) -> int:
+        n = 0
+        for h in hashes:
+            if self._recent.get(h) != address:
+                break
+            n += 1
+        return n
