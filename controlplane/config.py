@@ -10,7 +10,7 @@ ENV_PREFIX = "NANOPLANE_CP_"
 class ControlPlaneConfig:
     host: str = "127.0.0.1"
     port: int = 50051
-    dataplane: str = "127.0.0.1:50061"
+    dataplane: str = "127.0.0.1:50061"  # one or more HOST:PORT, comma-separated
     transport: str = "auto"  # auto | shm | grpc: how steps reach the data plane
     tokenizer: str = ""  # empty = the model path the data plane reports
     served_model_name: str = ""  # empty = the data plane's model name
@@ -19,6 +19,13 @@ class ControlPlaneConfig:
     max_logprobs: int = 20
     max_n: int = 16
     overlap: bool = True
+    # many data planes (docs/multi_dataplane.md)
+    dataplane_dns: str = ""
+    dataplane_discovery_interval_s: float = 5.0
+    placement: str = "prefix"
+    scheduling_policy: str = "fcfs"
+    priority_aging_requests: int = 1000
+    admin_token_file: str = ""
     # reliability (docs/reliability.md)
     dataplane_reconnect_timeout_s: float = 60.0
     max_waiting_requests: int = 1024
@@ -50,8 +57,21 @@ class ControlPlaneConfig:
         problems = []
         if not 0 <= self.port < 65536:
             problems.append(f"--port must be in [0, 65535], got {self.port}")
-        if ":" not in self.dataplane:
-            problems.append(f"--dataplane must be HOST:PORT, got {self.dataplane!r}")
+        from controlplane.link.discovery import split_targets, target_problem
+        from controlplane.serving.placement import POLICIES
+        problems += filter(None, (target_problem(t, "--dataplane") for t in split_targets(self.dataplane)))
+        if self.dataplane_dns and (problem := target_problem(self.dataplane_dns, "--dataplane-dns")):
+            problems.append(problem)
+        if not split_targets(self.dataplane) and not self.dataplane_dns:
+            problems.append("give the data planes with --dataplane HOST:PORT[,HOST:PORT...] or --dataplane-dns NAME:PORT")
+        if self.dataplane_discovery_interval_s <= 0:
+            problems.append("--dataplane-discovery-interval-s must be positive")
+        if self.placement not in POLICIES:
+            problems.append(f"--placement must be one of {', '.join(POLICIES)}, got {self.placement!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            problems.append(f"--scheduling-policy must be fcfs or priority, got {self.scheduling_policy!r}")
+        if self.priority_aging_requests < 1:
+            problems.append(f"--priority-aging-requests must be >= 1, got {self.priority_aging_requests}")
         if self.transport not in ("auto", "shm", "grpc"):
             problems.append(f"--transport must be auto, shm or grpc, got {self.transport!r}")
         if self.dataplane_connect_timeout_s <= 0:
@@ -86,7 +106,22 @@ REMOTE_DATAPLANE_FIELDS = ("dataplane", "dataplane_tls_ca", "dataplane_tls_cert"
 HELP = {
     "host": "address the public Generation API listens on",
     "port": "port the public Generation API listens on (0 = pick a free one)",
-    "dataplane": "HOST:PORT of the data plane's gRPC service",
+    "dataplane": "HOST:PORT of the data plane's gRPC service; several, comma-separated, for many data planes "
+                 "behind this control plane (docs/multi_dataplane.md)",
+    "dataplane_dns": "NAME:PORT: also use every address NAME resolves to as a data plane, re-resolved every "
+                     "--dataplane-discovery-interval-s (a Kubernetes headless Service); with it, the default "
+                     "--dataplane is left out",
+    "dataplane_discovery_interval_s": "how often new data planes (DNS, or listed ones that did not answer) are "
+                                      "looked for and joined",
+    "placement": "which data plane a new request goes to: prefix (where the longest prefix of it is cached, "
+                 "unless that plane is much busier), least-loaded or round-robin",
+    "scheduling_policy": "fcfs (arrival order) or priority (a request's priority, lower first; under KV "
+                         "pressure the lowest-priority newest sequence is preempted first)",
+    "priority_aging_requests": "with --scheduling-policy priority, a request of priority p is ordered as if it "
+                               "arrived p × this many requests later: it waits behind at most that many later "
+                               "arrivals per priority level of difference (starvation bound)",
+    "admin_token_file": "file of bearer tokens, one per line, that the Admin API (drain, undrain, join, list) "
+                        "accepts (also NANOPLANE_CP_ADMIN_TOKENS); none = the Admin API refuses every call",
     "transport": "how step plans and results travel: auto (shared memory when the data plane runs on this host "
                  "and offers it, else gRPC), shm (fail at start-up when it cannot) or grpc",
     "tokenizer": "tokenizer path (HF folder or .gguf); empty = the data plane's model path",

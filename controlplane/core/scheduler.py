@@ -29,6 +29,7 @@ Prefix-cache hashes cover known tokens only, so a discarded token never enters o
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 from collections import deque
@@ -38,6 +39,10 @@ from controlplane.core.block_manager import BlockManager
 from controlplane.core.plan_builder import PlanBuilder, StepRuns
 from controlplane.core.sequence import FinishReason, Sequence, SequenceStatus
 from proto.step import StepPlan, StepResult
+
+
+def _arrival(seq: Sequence) -> int:
+    return seq.arrival
 
 
 @dataclass(slots=True)
@@ -123,6 +128,9 @@ class Scheduler:
         self.max_seq_len = config.max_seq_len  # read per sequence per step: not a property here
         self.num_discarded_tokens = 0  # sampled for a sequence that had finished by then (overlap, aborts)
         self.in_flight: deque[InFlightStep] = deque()  # oldest first
+        # priority scheduling (a sequence added with an order offset): waiting and running stay sorted by
+        # arrival, so admission takes the lowest key first and preemption pops the highest
+        self.ordered = False
 
     @property
     def num_running(self) -> int:
@@ -138,14 +146,33 @@ class Scheduler:
     def seq_at_slot(self, slot: int) -> Sequence | None:
         return self.slots.seqs[slot]
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, order_offset: int = 0) -> None:
+        """order_offset > 0 (priority scheduling): seq is ordered, in the waiting queue and for preemption,
+        as if it had arrived that many arrivals later."""
         assert seq.status is SequenceStatus.WAITING and seq.seq_id not in self.seqs
         assert seq.num_tokens < self.max_seq_len, "validation must reject prompts this long"
-        seq.arrival = next(self._arrivals)
+        seq.arrival = next(self._arrivals) + order_offset
         seq.stop_ids = frozenset(seq.sampling.stop_token_ids) | (
             frozenset() if seq.sampling.ignore_eos else self._eos_token_ids)
         self.seqs[seq.seq_id] = seq
-        self.waiting.append(seq)
+        self.ordered = self.ordered or order_offset != 0
+        if self.ordered:
+            bisect.insort(self.waiting, seq, key=_arrival)  # ahead of lower-priority arrivals
+        else:
+            self.waiting.append(seq)
+
+    def remove_all(self) -> list[Sequence]:
+        """Takes every unfinished sequence out, in arrival order, waiting with no blocks or slot (for another
+        data plane to adopt); their slots are dropped in the next plan. Only with no step in flight."""
+        assert not self.in_flight, "a step in flight would still write to these sequences"
+        moved = len(self.running)
+        while self.running:
+            self._preempt(self.running.pop())
+        self.num_preemptions -= moved  # moved, not preempted for want of blocks
+        seqs = sorted(self.seqs.values(), key=_arrival)
+        self.waiting.clear()
+        self.seqs.clear()
+        return seqs
 
     def abort(self, seq_id: str) -> Sequence | None:
         seq = self.seqs.get(seq_id)
@@ -280,7 +307,10 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.ordered:
+            bisect.insort(self.waiting, seq, key=_arrival)
+        else:
+            self.waiting.appendleft(seq)
 
     @staticmethod
     def _waits_for_leader(seq: Sequence) -> bool:
@@ -303,7 +333,10 @@ class Scheduler:
         seq.num_computed_tokens = num_cached
         seq.status = SequenceStatus.RUNNING
         self.slots.assign(seq)
-        self.running.append(seq)
+        if self.ordered:
+            bisect.insort(self.running, seq, key=_arrival)
+        else:
+            self.running.append(seq)
         return self._take(seq, n, runs, is_new=True)
 
     def _take(self, seq: Sequence, n: int, runs: StepRuns, is_new: bool) -> int:

@@ -67,7 +67,8 @@ class Sequence:
     num_blocks_sent: int = 0  # block-table entries the data plane holds for the current slot
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
-    arrival: int = -1  # admission order key, set by Scheduler.add
+    arrival: int = -1  # admission order key, set by Scheduler.add (priority scheduling shifts it)
+    priority: int = 0  # lower runs first (vLLM's meaning); used under --scheduling-policy priority
     request_id: str = ""  # empty: seq_id (a request of one sample)
     index: int = 0  # which of its request's n samples
     # sample 0 of the request when this is a later sample: the Scheduler admits it once the

@@ -21,7 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controlplane.config import ControlPlaneConfig
 from controlplane.link.liveness import LivenessWatch
-from controlplane.link.transport import DataPlaneFenced, DataPlaneUnavailable, StepStream, choose_transport
+from controlplane.link.transport import DataPlaneFenced, DataPlaneRefused, DataPlaneUnavailable, StepStream, \
+    choose_transport
 from controlplane.link.transport_grpc import GrpcStepStream
 from controlplane.link.transport_shm import ShmStepStream
 from proto.dataplane_access import default_token_path, is_loopback, metadata, read_token_file, session_proof
@@ -137,6 +138,8 @@ class DataPlaneClient:
             return self.info
         except grpc.RpcError as e:
             details = e.details() or ""
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise DataPlaneRefused(f"data plane at {self.target} refused this control plane: {details}") from e
             raise DataPlaneUnavailable(f"{e.code().name}: {details}{tls_hint(details) if self.tls else ''}") from e
 
     # --- the step stream ---------------------------------------------------------------

@@ -19,6 +19,10 @@ class DataPlaneUnavailable(RuntimeError):
     """The data plane cannot be reached or its step stream broke."""
 
 
+class DataPlaneRefused(DataPlaneUnavailable):
+    """The data plane answered and refused this control plane's credential (UNAUTHENTICATED)."""
+
+
 class DataPlaneFenced(DataPlaneUnavailable):
     """A newer control plane took the data plane's step session (proto/dataplane_access.py): stop driving it."""
 

@@ -8,6 +8,7 @@ they can never be stale.
 """
 from __future__ import annotations
 
+import copy
 import threading
 from socketserver import ThreadingMixIn
 from typing import Callable
@@ -35,48 +36,81 @@ class LabelledCounter:
 
 
 class _CounterReader(Collector):
-    """A counter that another object keeps (a plain int it increments), read at scrape time."""
+    """A counter that other objects keep (plain ints they increment), read at scrape time: one read per label
+    set (one per data plane, say)."""
 
-    def __init__(self, name: str, help_text: str, read: Callable[[], float], const_labels: dict[str, str]):
-        self.name, self.help, self.read, self.const = name, help_text, read, const_labels
+    def __init__(self, name: str, help_text: str, label_names: tuple[str, ...]):
+        self.name, self.help, self.label_names = name, help_text, label_names
+        self.reads: dict[tuple[str, ...], Callable[[], float]] = {}
 
     def _family(self) -> CounterMetricFamily:
-        return CounterMetricFamily(self.name, self.help, labels=list(self.const))
+        return CounterMetricFamily(self.name, self.help, labels=list(self.label_names))
 
     def describe(self):
         return [self._family()]
 
     def collect(self):
         family = self._family()
-        family.add_metric(list(self.const.values()), self.read())
+        for values, read in list(self.reads.items()):
+            family.add_metric(list(values), read())
         yield family
 
 
 class Metrics:
-    """A prometheus_client registry whose every series carries `const_labels`."""
+    """A prometheus_client registry whose every series carries `const_labels`. `labelled(labels)` is a view
+    of the same registry whose series carry those labels too (one series per data plane under one name)."""
 
     def __init__(self, const_labels: dict[str, str] | None = None):
         self.registry = CollectorRegistry()
         self.const_labels = dict(const_labels or {})
+        self._families: dict[str, tuple[str, tuple[str, ...], object]] = {}  # name -> (kind, label names, metric)
+        self._lock = threading.Lock()
+
+    def labelled(self, labels: dict[str, str]) -> "Metrics":
+        view = copy.copy(self)  # the registry, families and lock are shared
+        view.const_labels = {**self.const_labels, **labels}
+        return view
+
+    def _family(self, name: str, kind: str, label_names: tuple[str, ...], make: Callable[[], object]):
+        with self._lock:
+            if name not in self._families:
+                self._families[name] = (kind, label_names, make())
+            known_kind, known_labels, metric = self._families[name]
+        if (known_kind, known_labels) != (kind, label_names):
+            raise ValueError(f"metric {name} is registered as a {known_kind} of labels {known_labels} and as a "
+                             f"{kind} of labels {label_names}")
+        return metric
 
     def counter(self, name: str, help_text: str, label_names: tuple[str, ...] = ()):
         """`name` ends in _total, as exposed. Without label_names, the counter itself (`.inc()`)."""
-        counter = Counter(name, help_text, (*self.const_labels, *label_names), registry=self.registry)
+        names = (*self.const_labels, *label_names)
+        counter = self._family(name, "counter", names,
+                               lambda: Counter(name, help_text, names, registry=self.registry))
         if label_names:
             return LabelledCounter(counter, self.const_labels)
         return counter.labels(**self.const_labels)
 
     def histogram(self, name: str, help_text: str, buckets: tuple[float, ...]):
-        return Histogram(name, help_text, tuple(self.const_labels), registry=self.registry,
-                         buckets=buckets).labels(**self.const_labels)
+        names = tuple(self.const_labels)
+        histogram = self._family(name, "histogram", names,
+                                 lambda: Histogram(name, help_text, names, registry=self.registry, buckets=buckets))
+        return histogram.labels(**self.const_labels)
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """A gauge read from `read()` at scrape time."""
-        Gauge(name, help_text, tuple(self.const_labels), registry=self.registry).labels(
-            **self.const_labels).set_function(read)
+        names = tuple(self.const_labels)
+        gauge = self._family(name, "gauge", names, lambda: Gauge(name, help_text, names, registry=self.registry))
+        gauge.labels(**self.const_labels).set_function(read)
 
     def counter_reader(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        self.registry.register(_CounterReader(name, help_text, read, self.const_labels))
+        names = tuple(self.const_labels)
+
+        def make() -> _CounterReader:
+            reader = _CounterReader(name, help_text, names)
+            self.registry.register(reader)
+            return reader
+
+        self._family(name, "counter_reader", names, make).reads[tuple(self.const_labels.values())] = read
 
     def render(self) -> str:
         """The text exposition format, as /metrics serves it."""

@@ -46,6 +46,8 @@ def config_problems(config: ControlPlaneConfig) -> list[str]:
         problem = dataplane_token_file_problem(config.dataplane_token_file, "--dataplane-token-file")
         if problem:
             problems.append(problem)
+    if config.admin_token_file and (problem := token_file_problem(config.admin_token_file, "--admin-token-file")):
+        problems.append(problem)
     for flag, port in (("--health-port", config.health_port), ("--metrics-port", config.metrics_port)):
         if not 0 <= port < 65536:
             problems.append(f"{flag} must be in [0, 65535], got {port}")

@@ -106,6 +106,12 @@ class EngineTelemetry(EngineObserver):
     def request_added(self, request_id: str, num_samples: int) -> None:
         self._timings[request_id] = _Timing(arrival_s=time.monotonic(), num_unfinished=num_samples)
 
+    def request_adopted(self, request_id: str, num_unfinished: int) -> None:
+        # its first token and queue time were counted where it started; only what is left is counted here
+        now = time.monotonic()
+        self._timings[request_id] = _Timing(arrival_s=now, num_unfinished=num_unfinished, scheduled_s=now,
+                                            first_token_s=now)
+
     def step_done(self, plan: StepPlan, duration_s: float, seq_at_slot: list[Sequence | None]) -> None:
         now = time.monotonic()
         self.step_duration.observe(duration_s)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import structlog
 
+from controlplane.serving.admin import status_proto
 from controlplane.serving.admission import RETRY_AFTER_METADATA, AdmissionControl, Overloaded
 from controlplane.serving.engine import Engine, EngineFailure, OutputStream, RequestOutput
 from controlplane.serving.logprobs import PositionLogprobs
@@ -55,8 +56,9 @@ def response_of(output: RequestOutput, tokenizer: Tokenizer) -> generation_pb2.G
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: RequestLimits, model_info: generation_pb2.ModelInfo,
-                 admission: AdmissionControl, tokenize_pool: ThreadPoolExecutor):
-        self.engine = engine
+                 admission: AdmissionControl, tokenize_pool: ThreadPoolExecutor, priority_enabled: bool = False):
+        self.engine = engine  # an Engine, or the Router over several (the same interface)
+        self.priority_enabled = priority_enabled
         self.tokenizer = tokenizer
         self.limits = limits
         self.model_info = model_info
@@ -72,6 +74,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             validated = await self._off_loop(validate_generate, request, self.tokenizer, self.limits)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if request.priority and not self.priority_enabled:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "priority: this server schedules first come, "
+                                "first served; send priority 0, or start it with --scheduling-policy priority")
         sampling = validated.sampling
         num_tokens = len(validated.prompt_token_ids) + sampling.max_tokens * sampling.n
         try:
@@ -86,7 +91,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         num_unfinished = sampling.n  # each sample ends with its own finish_reason
         try:
             stream = OutputStream(asyncio.get_running_loop())
-            self.engine.submit(request_id, validated.prompt_token_ids, sampling, stream)
+            self.engine.submit(request_id, validated.prompt_token_ids, sampling, stream, request.priority)
             log.info("request accepted", request_id=request_id, prompt_tokens=len(validated.prompt_token_ids),
                      max_tokens=sampling.max_tokens)
             while True:
@@ -130,4 +135,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return generation_pb2.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids))
 
     async def GetModelInfo(self, request, context):
-        return self.model_info
+        states = getattr(self.engine, "states", None)
+        if states is None:
+            return self.model_info
+        info = generation_pb2.ModelInfo()
+        info.CopyFrom(self.model_info)
+        info.dataplanes.extend(status_proto(s) for s in states())
+        return info
