@@ -12,6 +12,7 @@ from dataplane.config import DataPlaneConfig
 from dataplane.runner import ModelRunner
 from dataplane.server import build_server
 from dataplane.step_loop import END, run_steps
+from proto import sampling_schema
 from proto.nanoplane.v1 import dataplane_pb2
 from proto.shm_channel import host_identity
 from proto.step import RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
@@ -143,13 +144,11 @@ def test_a_rejected_plan_ends_the_session_with_its_reason(dataplane, transport, 
 
 
 def _one_new_sequence() -> dict:
-    plan = StepPlan(step_id=0)
-    return {name: np.zeros(1, getattr(plan, name).dtype) for name in (
-        "new_num_cached_tokens", "new_temperature", "new_top_p", "new_top_k", "new_seed", "new_has_seed",
-        "new_num_prompt_tokens", "new_min_p", "new_min_tokens", "new_num_logprobs", "new_num_prompt_logprobs",
-        "new_num_stop_ids", "new_presence_penalty", "new_frequency_penalty")} | {
-        "new_repetition_penalty": np.ones(1, np.float32), "new_top_p": np.ones(1, np.float32),
-        "new_num_logprobs": np.full(1, -1, np.int32), "new_num_prompt_logprobs": np.full(1, -1, np.int32)}
+    """The new-sequence columns of one sequence with every sampling option at its default."""
+    columns = {c.field: np.array([c.pack(o.default)], c.dtype) for o in sampling_schema.DATAPLANE_OPTIONS
+               for c in o.columns}
+    return columns | {name: np.zeros(1, np.int32)
+                      for name in ("new_num_cached_tokens", "new_num_prompt_tokens", "new_num_stop_ids")}
 
 
 class LaunchingRunner:
