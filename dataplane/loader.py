@@ -24,6 +24,7 @@ from safetensors import safe_open
 from torch import nn
 
 from dataplane.layers.linear import copy_weight
+from dataplane.layers.moe import expert_target
 from dataplane.model_config import ModelConfig
 from dataplane.models import build_model
 
@@ -151,7 +152,12 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def _packed_target(name: str, mapping: dict) -> tuple[str, object]:
+def _packed_target(name: str, mapping: dict, model: nn.Module) -> tuple[str, object]:
+    for fragment, ours in getattr(model, "checkpoint_renames", {}).items():
+        name = name.replace(fragment, ours)
+    expert = expert_target(name, getattr(model, "expert_projections", {}))
+    if expert is not None:
+        return expert
     for fragment, (packed, shard_id) in mapping.items():
         if f".{fragment}." in name:
             return name.replace(f".{fragment}.", f".{packed}."), shard_id
@@ -163,14 +169,16 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
     config = getattr(model, "config", None)
     tied = bool(config is not None and config.tie_word_embeddings)
     params = dict(model.named_parameters())  # a tied lm_head.weight is listed once, as the embedding
-    expected = {name: {sid for packed, sid in mapping.values() if f".{packed}." in name} or {None} for name in params}
+    expected = {name: getattr(param, "shard_ids", None)
+                or {sid for packed, sid in mapping.values() if f".{packed}." in name} or {None}
+                for name, param in params.items()}
     loaded: dict[str, set] = {name: set() for name in params}
     unexpected = []
     with torch.no_grad():
         for name, tensor in tensors:
             if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                 continue
-            param_name, shard_id = _packed_target(name, mapping)
+            param_name, shard_id = _packed_target(name, mapping, model)
             param = params.get(param_name)
             if param is None:
                 unexpected.append(name)
