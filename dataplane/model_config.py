@@ -88,7 +88,9 @@ class ModelConfig:
         rope_theta, rope_scaling = _rope_from_hf(hf)
         num_heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
-        num_experts = (hf.get("num_experts") or hf.get("num_local_experts") or 0) if architecture in MOE_ARCHITECTURES else 0
+        num_experts = 0
+        if architecture in MOE_ARCHITECTURES:  # Qwen3-MoE says num_experts, Mixtral num_local_experts
+            num_experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
         return cls(
             architecture=architecture,
             vocab_size=hf["vocab_size"],

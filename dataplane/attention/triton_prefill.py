@@ -52,7 +52,7 @@ def attend_tile(acc, l_i, m, q, pos, k_cache_ptr, v_cache_ptr, block_table, kv_h
     slot = page * BLOCK_SIZE + offs_n % BLOCK_SIZE
     kv_offsets = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
     kv_mask = n_mask[:, None] & (dims[None, :] < HEAD_DIM)
-    k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)  # an FP8 cache is upcast tile by tile
+    k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)  # FP8 cache: upcast per tile
     v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if CAUSAL:

@@ -149,3 +149,42 @@ def test_fp8_kv_cache_holds_k_and_v_within_e4m3_precision_and_logits_stay_close(
     assert within_e4m3(first.k_cache.float() * first.k_scale, exact_k, first.k_scale)
     assert within_e4m3(first.v_cache.float() * first.v_scale, exact_v, first.v_scale)
     assert (got - want).abs().max() < 0.1 * want.abs().max()
+
+
+@pytest.mark.parametrize("q_lens", [[1, 1, 1], [7, 1, 20]], ids=["decode", "mixed"])
+def test_triton_attention_reads_an_fp8_cache_as_the_reference_does(q_lens):
+    """The decode and prefill kernels upcast FP8 tiles (under the interpreter here; compiled on a GPU)."""
+    from tests.triton_interpreter import HAS_CUDA, kernel_module, use_interpreter_without_cuda
+    use_interpreter_without_cuda()
+    pytest.importorskip("triton", reason="triton is not installed")
+    from dataplane.attention import reference
+    from dataplane.context import AttentionMetadata
+    from tests.dataplane.test_triton_kernels import _interpreter_numpy_compat
+    if not HAS_CUDA:
+        _interpreter_numpy_compat()
+    backend = kernel_module("dataplane.attention.triton_decode"), kernel_module("dataplane.attention.triton_prefill")
+    device = "cuda" if HAS_CUDA else "cpu"
+    g = torch.Generator().manual_seed(3)
+    block_size, num_blocks, heads, kv_heads, head_dim = 16, 12, 4, 2, 32
+    seq_lens = [40, 17, 33]
+    k_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g) * 8).to(FP8_KV_DTYPE).to(device)
+    v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g) * 8).to(FP8_KV_DTYPE).to(device)
+    tables = torch.randperm(num_blocks, generator=g)[:9].view(3, 3).to(torch.int32).to(device)
+    q = torch.randn(sum(q_lens), heads, head_dim, generator=g).to(device)
+    query_start_loc = [0]
+    for n in q_lens:
+        query_start_loc.append(query_start_loc[-1] + n)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(sum(q_lens), dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device), block_tables=tables,
+        max_query_len=max(q_lens), max_seq_len=max(seq_lens), query_start_loc_cpu=query_start_loc,
+        seq_lens_cpu=seq_lens)
+    want = reference.paged_attention(q, k_cache, v_cache, meta, 0.05)
+    decode, prefill = backend
+    got = torch.empty_like(q)
+    if max(q_lens) == 1:
+        decode.paged_decode(q, k_cache, v_cache, tables, meta.seq_lens, max(seq_lens), 0.05, out=got)
+    else:
+        prefill.paged_prefill(q, k_cache, v_cache, tables, meta.query_start_loc, meta.seq_lens, 0.05, out=got)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
