@@ -8,12 +8,11 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proto proto
 COPY controlplane controlplane
-COPY dataplane dataplane
 COPY client client
-# The package without its dependencies, then only what the control plane imports: torch stays out.
-RUN pip install --no-deps . \
- && pip install "grpcio>=1.66" "grpcio-reflection>=1.66" "grpcio-health-checking>=1.66" "protobuf>=5.29" \
-        "numpy>=1.26" "xxhash>=3.4" "structlog>=24.1" "transformers>=4.51" "tokenizers>=0.20" "gguf>=0.10"
+COPY gateway gateway
+COPY nanoplane nanoplane
+# The base package is the control plane's: no torch, no data-plane code.
+RUN pip install .
 
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin nanoplane
 USER 10001
