@@ -5,6 +5,9 @@ import os
 from dataclasses import dataclass
 
 ENV_PREFIX = "NANOPLANE_DP_"
+# here, not beside their code, so that validating flags imports no torch
+QUANTIZATION_CHOICES = ("auto", "none", "fp8")  # dataplane/quantization.py
+KV_CACHE_DTYPE_CHOICES = ("auto", "fp8")  # dataplane/kv_fp8.py
 
 
 @dataclass
@@ -69,8 +72,6 @@ class DataPlaneConfig:
                             "use auto or off")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             problems.append(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        from dataplane.kv_fp8 import KV_CACHE_DTYPE_CHOICES
-        from dataplane.quantization import QUANTIZATION_CHOICES
         if self.quantization not in QUANTIZATION_CHOICES:
             problems.append(f"unsupported --quantization {self.quantization!r}; supported: "
                             f"{', '.join(QUANTIZATION_CHOICES)}")

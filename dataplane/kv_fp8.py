@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dataplane.config import KV_CACHE_DTYPE_CHOICES
 from dataplane.context import AttentionMetadata, forward_context
 
-KV_CACHE_DTYPE_CHOICES = ("auto", "fp8")
 FP8_KV_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_KV_DTYPE).max
 CALIBRATION_TOKENS = 512

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-QUANTIZATION_CHOICES = ("auto", "none", "fp8")
+from dataplane.config import QUANTIZATION_CHOICES
 SUPPORTED_CHECKPOINT_FORMATS = ("fp8 (128x128 block scales)", "compressed-tensors float 8-bit")
 _FP8_DTYPES = (torch.float8_e4m3fn,)
 
