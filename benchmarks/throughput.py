@@ -5,11 +5,15 @@
 
 Workload (docs/design.md): random.seed(0); 256 sequences; prompt lengths U[100, 1024] of token
 ids U[0, 10000]; max_tokens U[100, 1024]; ignore_eos; temperature 0.6 -> 133,966 output
-tokens. Model: Qwen3-0.6B architecture with random bf16 weights unless --model is given.
+tokens. Model: Qwen3-0.6B architecture with random bf16 weights unless --model or
+--model-arch (qwen3-30b-a3b, llama3-8b: random weights too) is given; --quantization fp8 and
+--kv-cache-dtype fp8 pass to the data plane.
 
 Prints output tokens, seconds, tok/s, and the fraction of the memory-bandwidth lower
 bound: every decode step reads the weights once and every generated token reads the KV
 of its whole context once; bytes / the device's measured copy bandwidth is the floor.
+With a --model-arch it also prints the fraction of the roofline (benchmarks/roofline.py):
+per step the larger of bytes / bandwidth and FLOPs / peak, experts actually touched for MoE.
 """
 from __future__ import annotations
 
@@ -28,14 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from controlplane.core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from controlplane.core.sequence import SamplingOptions, Sequence  # noqa: E402
-
-QWEN3_0_6B = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
-    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
-    "vocab_size": 151936, "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True, "attention_bias": False, "torch_dtype": "bfloat16", "bos_token_id": 151643,
-    "eos_token_id": 151645, "hidden_act": "silu",
-}
+from benchmarks.roofline import ARCHS, QWEN3_0_6B, ModelShape, StepShape, measured_peak_flops, roofline_s  # noqa: E402
 
 
 def workload(num_seqs: int, max_input_len: int, max_output_len: int):
@@ -109,7 +106,7 @@ PENALTIES = dict(top_p=0.9, repetition_penalty=1.1, presence_penalty=0.5, freque
 
 
 def run_engine(dataplane, info: dict, prompts, max_tokens, temperature: float,
-               extra_sampling: dict | None = None) -> tuple[int, float]:
+               extra_sampling: dict | None = None, steps: list[StepShape] | None = None) -> tuple[int, float]:
     scheduler = Scheduler(SchedulerConfig(
         num_blocks=info["num_kv_blocks"], block_size=info["block_size"], max_num_seqs=info["max_num_seqs"],
         max_num_batched_tokens=info["max_num_batched_tokens"], max_model_len=info["max_model_len"]))
@@ -120,15 +117,19 @@ def run_engine(dataplane, info: dict, prompts, max_tokens, temperature: float,
     num_tokens = 0
     start = time.perf_counter()
     while scheduler.has_unfinished() or scheduler.in_flight:
-        num_tokens += len(overlapped_step(scheduler, dataplane))
+        num_tokens += len(overlapped_step(scheduler, dataplane, steps))
     return num_tokens, time.perf_counter() - start
 
 
-def overlapped_step(scheduler: Scheduler, dataplane) -> list:
-    """The Engine's step without its streams: send plan N+1, then take N's result (one step in flight)."""
+def overlapped_step(scheduler: Scheduler, dataplane, steps: list[StepShape] | None = None) -> list:
+    """The Engine's step without its streams: send plan N+1, then take N's result (one step in flight).
+    steps: where to note each plan's shape for the roofline."""
     plan = scheduler.schedule()
     if plan is not None:
         dataplane.send(plan)
+        if steps is not None:
+            runs = scheduler.in_flight[-1].runs
+            steps.append(StepShape(tuple(runs.starts), tuple(runs.num_tokens), plan.num_sampled))
     if len(scheduler.in_flight) > (1 if plan is not None else 0):
         return scheduler.postprocess(scheduler.in_flight[0].plan, dataplane.receive())
     return []
@@ -177,12 +178,17 @@ def dataplane_args(args, model_dir: str) -> list[str]:
         out += ["--attention-backend", args.attention_backend]
     if args.tensor_parallel_size > 1:
         out += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    out += ["--quantization", args.quantization, "--kv-cache-dtype", args.kv_cache_dtype]
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF folder; default: Qwen3-0.6B architecture, random weights")
+    parser.add_argument("--model-arch", choices=sorted(ARCHS), default="qwen3-0.6b",
+                        help="architecture of the random-weight model when --model is not given")
+    parser.add_argument("--quantization", default="auto", help="the data plane's --quantization (auto, none, fp8)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="the data plane's --kv-cache-dtype (auto, fp8)")
     parser.add_argument("--in-process", action="store_true", help="no process boundary between the planes")
     parser.add_argument("--transport", choices=("auto", "shm", "grpc"), default="auto",
                         help="split mode: how plans and results travel (auto = shared memory on one host)")
@@ -207,7 +213,7 @@ def main() -> None:
     args.dummy = args.model is None
     model_dir = args.model or tmp
     if args.dummy:
-        Path(tmp, "config.json").write_text(json.dumps(QWEN3_0_6B))
+        Path(tmp, "config.json").write_text(json.dumps(ARCHS[args.model_arch]))
     prompts, max_tokens = workload(args.num_seqs, args.max_input_len, args.max_output_len)
 
     from dataplane.config import DataPlaneConfig
@@ -245,8 +251,9 @@ def main() -> None:
             profile(dataplane, info, prompts, max_tokens, args.profile_steps)
             return
         print(f"timed run starts at {time.strftime('%H:%M:%S')}", file=sys.stderr)
+        steps: list[StepShape] = []
         num_tokens, seconds = run_engine(dataplane, info, prompts, max_tokens, 0.6,
-                                         PENALTIES if args.sampling == "penalties" else None)
+                                         PENALTIES if args.sampling == "penalties" else None, steps)
     finally:
         dataplane.close()
         if proc is not None:
@@ -257,11 +264,11 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bandwidth = copy_bandwidth(device) * args.tensor_parallel_size  # each GPU reads its shard
-    h = QWEN3_0_6B
-    weight_params = (h["vocab_size"] * h["hidden_size"] + h["num_hidden_layers"] * (
-        h["hidden_size"] * (h["num_attention_heads"] + 2 * h["num_key_value_heads"]) * h["head_dim"]
-        + h["num_attention_heads"] * h["head_dim"] * h["hidden_size"] + 3 * h["hidden_size"] * h["intermediate_size"]))
-    bound = lower_bound_s(prompts, max_tokens, weight_params * 2, info["kv_bytes_per_token"], bandwidth)
+    h = ARCHS[args.model_arch] if args.dummy else QWEN3_0_6B
+    shape = ModelShape.from_hf(h)
+    # every decode step of a full batch reads every weight (and every expert) once; FP8 linear layers 1 byte each
+    weight_bytes = shape.step_bytes(10**9, 0, 1.0 if args.quantization == "fp8" else 2.0, 0)
+    bound = lower_bound_s(prompts, max_tokens, weight_bytes, info["kv_bytes_per_token"], bandwidth)
     figures = {
         "mode": "in-process" if args.in_process else f"split ({dataplane.transport_name})",
         "tensor_parallel_size": args.tensor_parallel_size,
@@ -271,7 +278,17 @@ def main() -> None:
         "tok_per_s": round(num_tokens / seconds, 1), "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
         "lower_bound_s": round(bound, 3), "fraction_of_bound": round(bound / seconds, 3),
         "num_kv_blocks": info["num_kv_blocks"], "block_size": info["block_size"],
+        "model_arch": args.model_arch if args.dummy else args.model, "quantization": args.quantization,
+        "kv_cache_dtype": args.kv_cache_dtype,
     }
+    if args.dummy:
+        fp8 = args.quantization == "fp8"
+        peak = measured_peak_flops(device, fp8) * args.tensor_parallel_size
+        roofline = roofline_s(steps, shape, 1.0 if fp8 else 2.0, info["kv_bytes_per_token"], bandwidth, peak)
+        figures.update(peak_TFLOPs=round(peak / 1e12, 1), roofline_s=round(roofline, 3),
+                       fraction_of_roofline=round(roofline / seconds, 3), num_steps=len(steps))
+        print(f"roofline (per step max of bytes/bandwidth and FLOPs/peak, {'FP8' if fp8 else 'bf16'} peak "
+              f"{peak / 1e12:.0f} TFLOP/s): {roofline:.2f}s, {100 * roofline / seconds:.1f}% of it")
     print(json.dumps(figures))
     print(f"Total: {num_tokens} tok, Time: {seconds:.2f}s, Throughput: {num_tokens / seconds:.2f} tok/s, "
           f"{100 * bound / seconds:.1f}% of the memory-bandwidth bound ({bound:.2f}s)")

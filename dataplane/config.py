@@ -5,6 +5,9 @@ import os
 from dataclasses import dataclass
 
 ENV_PREFIX = "NANOPLANE_DP_"
+# here, not beside their code, so that validating flags imports no torch
+QUANTIZATION_CHOICES = ("auto", "none", "fp8")  # dataplane/quantization.py
+KV_CACHE_DTYPE_CHOICES = ("auto", "fp8")  # dataplane/kv_fp8.py
 
 
 @dataclass
@@ -16,6 +19,8 @@ class DataPlaneConfig:
     shm_socket: str = "auto"  # Unix socket of same-host shared-memory step sessions; auto | off | a path
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    quantization: str = "auto"  # auto (the checkpoint's) | none | fp8 (dataplane/quantization.py)
+    kv_cache_dtype: str = "auto"  # auto (= dtype) | fp8 (e4m3 with per-layer scales, dataplane/kv_fp8.py)
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -67,6 +72,12 @@ class DataPlaneConfig:
                             "use auto or off")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             problems.append(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATION_CHOICES:
+            problems.append(f"unsupported --quantization {self.quantization!r}; supported: "
+                            f"{', '.join(QUANTIZATION_CHOICES)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPE_CHOICES:
+            problems.append(f"unsupported --kv-cache-dtype {self.kv_cache_dtype!r}; supported: "
+                            f"{', '.join(KV_CACHE_DTYPE_CHOICES)}")
         from dataplane.security import config_problems
         problems += config_problems(self)
         if problems:
@@ -96,6 +107,12 @@ HELP = {
                   "in another container through a volume)",
     "device": "auto, cpu, cuda or cuda:N",
     "dtype": "weights and KV cache dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16",
+    "quantization": "weight quantization: auto (what the checkpoint is: FP8 checkpoints, with 128x128 block or "
+                    "compressed-tensors per-channel scales, serve in FP8), none (weights in --dtype), fp8 (FP8 e4m3 "
+                    "linear layers with per-channel weight and per-token activation scales; needs compute "
+                    "capability 8.9+, or the CPU)",
+    "kv_cache_dtype": "KV cache element type: auto (--dtype) or fp8 (e4m3 with a scale per layer: half the bytes of "
+                      "bf16; the triton and torch attention backends)",
     "block_size": "tokens per KV cache block",
     "max_num_seqs": "sequences per step (batch slots)",
     "max_num_batched_tokens": "tokens per step (the chunked-prefill budget)",

@@ -23,9 +23,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from dataplane.layers.fp8 import fp8_supported, quantize_linear_layers
 from dataplane.layers.linear import copy_weight
+from dataplane.layers.moe import expert_target
 from dataplane.model_config import ModelConfig
 from dataplane.models import build_model
+from dataplane.quantization import checkpoint_quantization, dequantized_tensors, resolve_quantization
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -73,19 +76,33 @@ def _build(config: ModelConfig, dtype: torch.dtype | str | None, device: torch.d
         return build_model(config)
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
-               device: torch.device | str = "cpu") -> tuple[nn.Module, ModelConfig]:
-    """path: an HF folder (config.json + safetensors) or a .gguf file; dtype None = the checkpoint's."""
+def _quantization(config: ModelConfig, flag: str, device: torch.device | str) -> str:
+    mode = resolve_quantization(flag, config.quantization_config)
+    if mode == "fp8" and (why_not := fp8_supported(torch.device(device))):
+        raise ValueError(f"--quantization fp8 cannot run here: {why_not}; use --quantization none")
+    return mode
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+               quantization: str = "auto") -> tuple[nn.Module, ModelConfig]:
+    """path: an HF folder (config.json + safetensors) or a .gguf file; dtype None = the checkpoint's;
+    quantization: auto | none | fp8 (dataplane/quantization.py)."""
     config, tensors = _open_checkpoint(Path(path))
+    mode = _quantization(config, quantization, device)
     model = _build(config, dtype, device)
+    if checkpoint_quantization(config.quantization_config):
+        tensors = dequantized_tensors(tensors, resolve_dtype(dtype or config.torch_dtype))
     load_weights(model, tensors, source=str(path))
+    if mode == "fp8":
+        quantize_linear_layers(model)
     return model.eval(), config
 
 
-def load_dummy_model(path: str | Path, dtype: torch.dtype | str | None = None,
-                     device: torch.device | str = "cpu", seed: int = 0) -> tuple[nn.Module, ModelConfig]:
+def load_dummy_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+                     seed: int = 0, quantization: str = "auto") -> tuple[nn.Module, ModelConfig]:
     """Like load_model, but only the config is read: weights are random, the same for a seed at any TP size."""
     config, _ = _open_checkpoint(Path(path))
+    mode = _quantization(config, quantization, device)
     model = _build(config, dtype, device)
     seen = set()
     with torch.no_grad():
@@ -101,6 +118,8 @@ def load_dummy_model(path: str | Path, dtype: torch.dtype | str | None = None,
                     _load_random(module, name, param, seed)
                 else:
                     param.zero_()
+    if mode == "fp8":
+        quantize_linear_layers(model)
     return model.eval(), config
 
 
@@ -151,7 +170,12 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def _packed_target(name: str, mapping: dict) -> tuple[str, object]:
+def _packed_target(name: str, mapping: dict, model: nn.Module) -> tuple[str, object]:
+    for fragment, ours in getattr(model, "checkpoint_renames", {}).items():
+        name = name.replace(fragment, ours)
+    expert = expert_target(name, getattr(model, "expert_projections", {}))
+    if expert is not None:
+        return expert
     for fragment, (packed, shard_id) in mapping.items():
         if f".{fragment}." in name:
             return name.replace(f".{fragment}.", f".{packed}."), shard_id
@@ -163,14 +187,16 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
     config = getattr(model, "config", None)
     tied = bool(config is not None and config.tie_word_embeddings)
     params = dict(model.named_parameters())  # a tied lm_head.weight is listed once, as the embedding
-    expected = {name: {sid for packed, sid in mapping.values() if f".{packed}." in name} or {None} for name in params}
+    expected = {name: getattr(param, "shard_ids", None)
+                or {sid for packed, sid in mapping.values() if f".{packed}." in name} or {None}
+                for name, param in params.items()}
     loaded: dict[str, set] = {name: set() for name in params}
     unexpected = []
     with torch.no_grad():
         for name, tensor in tensors:
             if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                 continue
-            param_name, shard_id = _packed_target(name, mapping)
+            param_name, shard_id = _packed_target(name, mapping, model)
             param = params.get(param_name)
             if param is None:
                 unexpected.append(name)

@@ -32,7 +32,12 @@ def run(config: DataPlaneConfig, ready_file: str | None = None) -> int:
     from dataplane.tp_group import start_runner
 
     log.info("starting data plane", **describe_config(config))
-    runner = start_runner(config)
+    try:
+        runner = start_runner(config)
+    except (ValueError, FileNotFoundError) as e:  # an unsupported model, quantization or device: say which
+        log.error("data plane could not start", error=str(e))
+        print(f"nanoplane dataplane: error: {e}", file=sys.stderr)
+        return 1
     close_runner = getattr(runner, "close", lambda: None)  # stops the other tensor-parallel ranks
     try:
         server, port, health_servicer = build_server(runner, config.host, config.port, server_credentials(config),

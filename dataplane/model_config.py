@@ -15,8 +15,11 @@ HF_ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+MOE_ARCHITECTURES = ("qwen3_moe", "mixtral")
 
 
 @dataclass(slots=True)
@@ -39,6 +42,14 @@ class ModelConfig:
     bos_token_id: int | None = None
     torch_dtype: str = "float32"  # the checkpoint's dtype name, e.g. "bfloat16"
     model_name: str = ""
+    # mixture of experts (0 experts = a dense model); intermediate_size is then the dense layers' MLP width
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1 (Mixtral always does)
+    dense_mlp_layers: list[int] = field(default_factory=list)  # layers of an MoE model with a dense MLP
+    # the checkpoint's own quantization_config (e.g. {"quant_method": "fp8", "weight_block_size": [128, 128]})
+    quantization_config: dict | None = None
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -51,6 +62,14 @@ class ModelConfig:
             raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
         if rope_type == "default":
             self.rope_scaling = None
+        if (self.architecture in MOE_ARCHITECTURES) != (self.num_experts > 0):
+            raise ValueError(f"architecture {self.architecture!r} with {self.num_experts} experts: the MoE "
+                             f"architectures ({', '.join(MOE_ARCHITECTURES)}) and only they have experts")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..{self.num_experts}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_mlp_layers
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """Bytes of K and V over all layers for one token of context (all tensor-parallel ranks together)."""
@@ -69,6 +88,9 @@ class ModelConfig:
         rope_theta, rope_scaling = _rope_from_hf(hf)
         num_heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
+        num_experts = 0
+        if architecture in MOE_ARCHITECTURES:  # Qwen3-MoE says num_experts, Mixtral num_local_experts
+            num_experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
         return cls(
             architecture=architecture,
             vocab_size=hf["vocab_size"],
@@ -88,7 +110,21 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             torch_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch."),
             model_name=model_name or hf.get("_name_or_path", ""),
+            num_experts=num_experts,
+            num_experts_per_tok=hf.get("num_experts_per_tok", 0) if num_experts else 0,
+            # Mixtral's experts are intermediate_size wide; Qwen3-MoE's moe_intermediate_size
+            moe_intermediate_size=(hf.get("moe_intermediate_size") or hf["intermediate_size"]) if num_experts else 0,
+            norm_topk_prob=architecture == "mixtral" or bool(hf.get("norm_topk_prob", False)),
+            dense_mlp_layers=_dense_mlp_layers(hf) if num_experts else [],
+            quantization_config=hf.get("quantization_config"),
         )
+
+
+def _dense_mlp_layers(hf: dict) -> list[int]:
+    # Qwen3-MoE: a layer is sparse unless listed in mlp_only_layers or skipped by decoder_sparse_step
+    step = hf.get("decoder_sparse_step") or 1
+    only = set(hf.get("mlp_only_layers") or [])
+    return [i for i in range(hf["num_hidden_layers"]) if i in only or (i + 1) % step]
 
 
 def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:

@@ -29,6 +29,7 @@ from dataplane.context import AttentionMetadata, forward_context
 from dataplane.cuda_graphs import DecodeGraphs
 from dataplane.distributed import get_tp_rank, get_tp_size, min_over_ranks, rank_device
 from dataplane.kv_cache import allocate_kv_cache, bind_kv_cache, num_blocks_for_bytes
+from dataplane.kv_fp8 import FP8_KV_DTYPE, calibrate_kv_scales, kv_cache_dtype
 from dataplane.layers.attention import set_attention_backend
 from dataplane.sampling.sampler import Sampler
 from dataplane.host_transfer import Downloads, PendingCopy
@@ -107,22 +108,26 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         dtype_name = config.dtype if config.dtype != "auto" else ("bfloat16" if self.device.type == "cuda" else "float32")
         self.dtype = DTYPES[dtype_name]
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.attention_backend = resolve_attention_backend(config.attention_backend, self.device,
-                                                           config.block_size, self.dtype)
+                                                           config.block_size, self.kv_dtype)
         set_attention_backend(self.attention_backend)
 
         started = time.perf_counter()
         torch.manual_seed(config.seed)  # dummy weights are reproducible
         if config.load_format == "dummy":
-            self.model, self.model_config = load_dummy_model(config.model, self.dtype, self.device, config.seed)
+            self.model, self.model_config = load_dummy_model(config.model, self.dtype, self.device, config.seed,
+                                                             config.quantization)
         else:
-            self.model, self.model_config = load_model(config.model, self.dtype, self.device)
+            self.model, self.model_config = load_model(config.model, self.dtype, self.device, config.quantization)
         self.model.eval()
         mc: ModelConfig = self.model_config
+        if self.kv_dtype == FP8_KV_DTYPE:
+            calibrate_kv_scales(self.model, mc.vocab_size, self.device, self.dtype, config.seed)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.max_blocks_per_seq = (self.max_model_len + config.block_size - 1) // config.block_size
         self.num_blocks = min_over_ranks(self._size_kv_cache(mc), self.device)  # ranks' free memory may differ
-        self.kv_cache = allocate_kv_cache(mc, self.num_blocks, config.block_size, self.dtype, self.device)
+        self.kv_cache = allocate_kv_cache(mc, self.num_blocks, config.block_size, self.kv_dtype, self.device)
         bind_kv_cache(self.model, self.kv_cache)
         self.batch = BatchState(config.max_num_seqs, self.max_blocks_per_seq, config.block_size, self.num_blocks,
                                 self.max_model_len, mc.vocab_size, self.device, config.max_num_batched_tokens)
@@ -140,7 +145,8 @@ class ModelRunner:
         log.info("data plane ready", tp_rank=self.tp_rank, tp_size=self.tp_size, model=config.model,
                  architecture=mc.architecture, device=str(self.device),
                  cuda_graphs=self.graphs.batch_sizes if self.graphs and self.graphs.use_graphs else None,
-                 dtype=dtype_name, attention_backend=self.attention_backend, num_kv_blocks=self.num_blocks,
+                 dtype=dtype_name, quantization=config.quantization, kv_cache_dtype=str(self.kv_dtype),
+                 attention_backend=self.attention_backend, num_kv_blocks=self.num_blocks,
                  block_size=config.block_size, max_model_len=self.max_model_len,
                  load_s=round(time.perf_counter() - started, 2))
 
@@ -158,7 +164,7 @@ class ModelRunner:
             budget = self._gpu_kv_budget(mc)
         else:
             budget = cfg.cpu_kv_cache_gib * 2**30
-        num_blocks = num_blocks_for_bytes(mc, cfg.block_size, self.dtype, int(budget))
+        num_blocks = num_blocks_for_bytes(mc, cfg.block_size, self.kv_dtype, int(budget))
         if num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB)")
         return num_blocks
@@ -172,7 +178,7 @@ class ModelRunner:
         seq_len = min(tokens, self.max_model_len)
         num_seqs = (tokens + seq_len - 1) // seq_len
         blocks_per_seq = (seq_len + cfg.block_size - 1) // cfg.block_size
-        scratch = allocate_kv_cache(mc, num_seqs * blocks_per_seq, cfg.block_size, self.dtype, self.device)
+        scratch = allocate_kv_cache(mc, num_seqs * blocks_per_seq, cfg.block_size, self.kv_dtype, self.device)
         bind_kv_cache(self.model, scratch)
         lens = [min(seq_len, tokens - i * seq_len) for i in range(num_seqs)]
         cu = [0]
@@ -211,7 +217,7 @@ class ModelRunner:
             num_kv_blocks=self.num_blocks, max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens, eos_token_ids=list(mc.eos_token_ids),
             dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
-            attention_backend=self.attention_backend, kv_bytes_per_token=mc.kv_bytes_per_token(self.dtype),
+            attention_backend=self.attention_backend, kv_bytes_per_token=mc.kv_bytes_per_token(self.kv_dtype),
         )
 
     def reset(self) -> None:

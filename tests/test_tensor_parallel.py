@@ -91,6 +91,8 @@ def prompts(n: int, vocab_size: int, seed: int) -> list[list[int]]:
 @pytest.mark.parametrize("arch, overrides", [
     ("qwen3", dict(vocab_size=512)),  # 2 KV heads: one per rank
     ("llama", dict(vocab_size=509, num_key_value_heads=1)),  # one KV head on both ranks; a vocab that does not split evenly
+    ("qwen3_moe", dict(vocab_size=512)),  # each rank holds half of every expert
+    ("mixtral", dict(vocab_size=512)),
 ])
 def test_two_ranks_give_the_greedy_tokens_of_one(arch, overrides, tmp_path):
     model = save_tiny_model(arch, tmp_path / arch, seed=3, **overrides)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
 _COMMON = dict(
     hidden_size=64,
@@ -35,6 +35,14 @@ TINY_CONFIGS = {
     "llama": (LlamaConfig, dict(num_hidden_layers=2, tie_word_embeddings=False, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    # 8 experts, top 2; the last layer dense (mlp_only_layers), so both kinds of layer run
+    "qwen3_moe": (Qwen3MoeConfig, dict(num_hidden_layers=3, tie_word_embeddings=False, num_experts=8,
+                                       num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                                       mlp_only_layers=[2],
+                                       rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})),
+    "mixtral": (MixtralConfig, dict(num_hidden_layers=2, tie_word_embeddings=False, intermediate_size=48,
+                                    num_local_experts=6, num_experts_per_tok=2,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})),
 }
 
 
@@ -47,7 +55,7 @@ def tiny_config(arch: str, vocab_size: int = 512, **overrides):
 
 def save_tiny_model(arch: str, path: str | Path, *, vocab_size: int = 512, seed: int = 0,
                     max_shard_size: str | int | None = None, **overrides) -> Path:
-    """Builds a tiny random fp32 model of `arch` ("qwen3", "qwen2", "llama") and saves it at path."""
+    """Builds a tiny random fp32 model of `arch` (a key of TINY_CONFIGS) and saves it at path."""
     path = Path(path)
     config = tiny_config(arch, vocab_size, **overrides)
     torch.manual_seed(seed)

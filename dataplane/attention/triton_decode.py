@@ -65,8 +65,8 @@ def paged_decode_kernel(
         slot = page * BLOCK_SIZE + offs_n % BLOCK_SIZE
         kv_offsets = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
         kv_mask = n_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)  # FP8 cache: upcast per tile
+        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds at least one key of this split
@@ -134,7 +134,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     assert cache_head_dim == head_dim, f"q has head_dim {head_dim} but the cache {cache_head_dim}"
     assert num_heads % num_kv_heads == 0, f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
-    assert q.dtype == k_cache.dtype, f"q is {q.dtype} but the cache is {k_cache.dtype}"
+    assert q.dtype == k_cache.dtype or k_cache.dtype == torch.float8_e4m3fn, \
+        f"q is {q.dtype} but the cache is {k_cache.dtype}"
     assert q.stride(-1) == 1, "q must have a contiguous last dimension"
     assert seq_lens.shape == (num_seqs,) and seq_lens.dtype == torch.int32, \
         f"seq_lens must be int32 [{num_seqs}] (one per query token), got {seq_lens.dtype} {tuple(seq_lens.shape)}"

@@ -52,8 +52,8 @@ def attend_tile(acc, l_i, m, q, pos, k_cache_ptr, v_cache_ptr, block_table, kv_h
     slot = page * BLOCK_SIZE + offs_n % BLOCK_SIZE
     kv_offsets = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
     kv_mask = n_mask[:, None] & (dims[None, :] < HEAD_DIM)
-    k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)  # FP8 cache: upcast per tile
+    v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if CAUSAL:
         s = tl.where((offs_n[None, :] <= pos[:, None]) & n_mask[None, :], s, float("-inf"))
@@ -147,7 +147,8 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     assert cache_head_dim == head_dim, f"q has head_dim {head_dim} but the cache {cache_head_dim}"
     assert head_dim <= 256, f"head_dim {head_dim} > 256 is not supported"
     assert num_heads % num_kv_heads == 0, f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
-    assert q.dtype == k_cache.dtype, f"q is {q.dtype} but the cache is {k_cache.dtype}"
+    assert q.dtype == k_cache.dtype or k_cache.dtype == torch.float8_e4m3fn, \
+        f"q is {q.dtype} but the cache is {k_cache.dtype}"
     assert q.stride(-1) == 1, "q must have a contiguous last dimension"
     assert query_start_loc.shape == (num_seqs + 1,) and query_start_loc.dtype == torch.int32, \
         f"query_start_loc must be int32 [{num_seqs + 1}], got {query_start_loc.dtype} {tuple(query_start_loc.shape)}"

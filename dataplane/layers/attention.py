@@ -11,6 +11,7 @@ from torch import nn
 
 from dataplane.attention import AttentionBackend, get_attention_backend
 from dataplane.context import get_context
+from dataplane.kv_fp8 import FP8_KV_DTYPE, quantize_kv
 
 _backend: AttentionBackend = get_attention_backend("torch")
 
@@ -35,6 +36,8 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.k_cache = self.v_cache = torch.tensor([])
+        # an FP8 cache holds k / k_scale and v / v_scale (dataplane/kv_fp8.py sets them)
+        self.k_scale = self.v_scale = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, num_heads * head_dim], k and v [T, num_kv_heads * head_dim] -> [T, num_heads * head_dim]."""
@@ -44,6 +47,13 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        _backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = _backend.forward(q, self.k_cache, self.v_cache, meta, self.scale)
+        if self.k_cache.dtype == FP8_KV_DTYPE:
+            # stored as bytes: every backend's store copies them, and index_copy_ has no float8 kernel on CPU
+            _backend.store_kv(quantize_kv(k, self.k_scale).view(torch.uint8),
+                              quantize_kv(v, self.v_scale).view(torch.uint8),
+                              self.k_cache.view(torch.uint8), self.v_cache.view(torch.uint8), meta.slot_mapping)
+            out = _backend.forward(q, self.k_cache, self.v_cache, meta, self.scale * self.k_scale) * self.v_scale
+        else:
+            _backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            out = _backend.forward(q, self.k_cache, self.v_cache, meta, self.scale)
         return out.view(-1, self.num_heads * self.head_dim)

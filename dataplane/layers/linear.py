@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataplane.distributed import all_reduce, divide, get_tp_rank, get_tp_size, local_num_kv_heads
+from dataplane.layers.fp8 import FP8_DTYPE, fp8_linear
 
 
 def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -50,7 +51,12 @@ class LinearBase(nn.Module):
         return [(None, tuple(shape))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight.dtype == FP8_DTYPE:  # quantised at load (layers/fp8.py)
+            return fp8_linear(x, self.weight, self.weight_scale, bias)
+        return F.linear(x, self.weight, bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -134,5 +140,5 @@ class RowParallelLinear(LinearBase):
         return [(None, (param.shape[0], param.shape[1] * self.tp_size))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = self.matmul(x, self.bias if self.tp_rank == 0 else None)
         return all_reduce(y)

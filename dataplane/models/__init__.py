@@ -5,13 +5,17 @@ from torch import nn
 
 from dataplane.model_config import ModelConfig
 from dataplane.models.llama import LlamaForCausalLM
+from dataplane.models.mixtral import MixtralForCausalLM
 from dataplane.models.qwen2 import Qwen2ForCausalLM
 from dataplane.models.qwen3 import Qwen3ForCausalLM
+from dataplane.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "qwen2": Qwen2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
+    "qwen3_moe": Qwen3MoeForCausalLM,
+    "mixtral": MixtralForCausalLM,
 }
 
 

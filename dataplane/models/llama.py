@@ -1,9 +1,10 @@
-"""The Llama-family decoder (Llama, SmolLM2, Mistral; Qwen2 and Qwen3 via flags).
+"""The Llama-family decoder (Llama, SmolLM2, Mistral; Qwen2, Qwen3, Qwen3-MoE and Mixtral via flags).
 
 attention (fused QKV, optional bias, optional per-head q/k RMSNorm, RoPE) -> MLP (fused
-gate/up, SiLU-and-mul, down) -> decoder layer (pre-norm, residual fused into the norms) ->
-model -> causal LM head. Architecture differences are constructor flags; qwen2.py and
-qwen3.py only set them.
+gate/up, SiLU-and-mul, down; or, where the config has experts, a mixture of experts from
+layers/moe.py) -> decoder layer (pre-norm, residual fused into the norms) -> model -> causal
+LM head. Architecture differences are constructor flags and checkpoint names; the other
+modules of models/ only set them.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataplane.layers.attention import Attention
 from dataplane.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from dataplane.layers.layernorm import RMSNorm
 from dataplane.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from dataplane.layers.moe import DOWN, GATE, UP, SparseMoeBlock
 from dataplane.layers.rotary import RotaryEmbedding
 from dataplane.model_config import ModelConfig
 
@@ -62,10 +64,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, **attention_flags):
+    def __init__(self, config: ModelConfig, layer: int, **attention_flags):
         super().__init__()
         self.self_attn = LlamaAttention(config, **attention_flags)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size)
+        if config.is_moe_layer(layer):
+            self.mlp = SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, config.num_experts,
+                                      config.num_experts_per_tok, config.norm_topk_prob)
+        else:
+            self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -85,7 +91,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, **attention_flags) for _ in range(config.num_hidden_layers))
+            LlamaDecoderLayer(config, i, **attention_flags) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -106,6 +112,10 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    # per-expert checkpoint projections -> which part of the stacked expert weights (layers/moe.py)
+    expert_projections = {"gate_proj": GATE, "up_proj": UP, "down_proj": DOWN}
+    # checkpoint name fragment -> ours, applied before the mappings above
+    checkpoint_renames: dict[str, str] = {}
 
     def __init__(self, config: ModelConfig, *, qkv_bias: bool | None = None, o_proj_bias: bool | None = None,
                  qk_norm: bool = False):

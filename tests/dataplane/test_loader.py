@@ -218,10 +218,10 @@ def write_gguf_like_llama_cpp(hf_dir: Path, out: Path) -> Path:
 def test_gguf_written_like_llama_cpp_matches_hf(arch, tmp_path):
     plain_rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}} if arch == "llama" else {}
     hf_dir = save_tiny_model(arch, tmp_path / "hf", **plain_rope)
-    gguf_path = write_gguf_like_llama_cpp(hf_dir, tmp_path / "tiny.gguf")
+    gguf_path = write_gguf_like_llama_cpp(hf_dir, tmp_path / f"tiny-{arch}.gguf")
     model, config = load_model(gguf_path, dtype=torch.float32)
-    # served under its file's name (proto/model_names.py), not GGUF's general.name ("tiny <arch>")
-    assert (config.architecture, config.model_name, config.eos_token_ids) == (arch, "tiny", [2])
+    # served under the file's name, not general.name ("tiny llama"): proto/model_names.py
+    assert (config.architecture, config.model_name, config.eos_token_ids) == (arch, f"tiny-{arch}", [2])
     assert config.tie_word_embeddings == (arch == "qwen3") and config.attention_bias == (arch == "qwen2")
     prompt = torch.randint(3, 512, (37,), generator=torch.Generator().manual_seed(0)).tolist()
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

@@ -15,7 +15,7 @@ from dataplane.kv_cache import allocate_kv_cache, bind_kv_cache
 from dataplane.loader import load_model
 from tests.tiny_models import save_tiny_model
 
-ARCHS = ["qwen3", "qwen2", "llama"]
+ARCHS = ["qwen3", "qwen2", "llama", "qwen3_moe", "mixtral"]
 BLOCK_SIZE = 16
 VOCAB = 512
 
@@ -141,4 +141,9 @@ def test_bf16_prefill_close_to_fp32(tiny):
     (ours,) = PagedDriver(model, config, dtype=torch.bfloat16).step([(0, prompt)])
     assert ours.dtype == torch.bfloat16  # widened only where a consumer needs float32 (logprobs, penalties)
     reference = hf_logits(hf, prompt)
-    assert (ours.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    close = (ours.float() - reference).abs().amax(dim=1) < 0.05 * reference.abs().max()
+    if config.num_experts:
+        # bf16 rounding may flip a near-tie of the router to another expert for a token (and what attends to it)
+        assert close.float().mean() >= 0.8, close
+    else:
+        assert close.all(), close
