@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Sequence, Union
 
+from client.structured import StructuredOutput
 from proto.nanoplane.v1 import generation_pb2
 
 Prompt = Union[str, Sequence[int]]
@@ -34,6 +35,7 @@ class SamplingParams:
     min_tokens: int | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool = False
+    structured_output: StructuredOutput | None = None  # client/structured.py: JSON schema, regex, grammar, choice
 
     _OPTIONAL = ("temperature", "top_p", "top_k", "max_tokens", "seed", "min_p", "repetition_penalty",
                  "presence_penalty", "frequency_penalty", "logprobs", "prompt_logprobs", "n", "min_tokens",
@@ -47,6 +49,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None:
                 setattr(pb, name, value)
+        if self.structured_output is not None:
+            self.structured_output.fill(pb)
         return pb
 
 

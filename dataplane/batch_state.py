@@ -51,6 +51,8 @@ class StepInputs:
     logprob_index: torch.Tensor | None = None
     penalty_index: torch.Tensor | None = None
     sampler_plan: SamplerPlan | None = None
+    # structured output: sampled-row indices (int64) and their bitmasks (int32 [n, words]), or None
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class BatchState:
@@ -234,6 +236,9 @@ class BatchState:
             sampler_plan=plan_sampling(sp.temperature[sampled_slots], sp.top_p[sampled_slots],
                                        sp.top_k[sampled_slots], sp.min_p[sampled_slots], sp.has_seed[sampled_slots],
                                        self.vocab_size, lambda rows: stage(rows, torch.long)),
+            grammar=(stage(plan.grammar_rows, torch.long),
+                     stage(plan.grammar_bitmask.reshape(len(plan.grammar_rows), -1), torch.int32))
+            if len(plan.grammar_rows) else None,
         )
         return inputs, num_tokens, max_blocks, ids, decodes, penalised
 

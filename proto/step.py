@@ -16,6 +16,8 @@ A plan carries only what changed (DESIGN.md, "The step protocol"):
 - `stop_ids`, `cached_token_ids`, `prompt_logprob_*`: variable-length extras of the
   new entries and of entries flagged RUN_PROMPT_LOGPROBS (dataplane.proto says how
   they line up); docs/sampling.md says what the sampling fields mean.
+- `grammar_rows`, `grammar_bitmask`: structured output's allowed tokens of the
+  constrained sampled rows, packed 32 tokens to an int32 word (docs/structured_output.md).
 
 A result carries the sampled ids and, for sequences that asked, logprobs of the
 model's raw distribution (`logprob_rows` names the rows that have them).
@@ -60,6 +62,8 @@ PLAN_ARRAYS: dict[str, np.dtype] = {
     "cached_token_ids": np.dtype("<i4"),
     "prompt_logprob_counts": np.dtype("<i4"),
     "prompt_logprob_token_ids": np.dtype("<i4"),
+    "grammar_rows": np.dtype("<i4"),
+    "grammar_bitmask": np.dtype("<i4"),
 }
 # one entry per new sequence; defaults for a plan built without them
 NEW_SEQUENCE_ARRAYS = ("new_num_cached_tokens", "new_temperature", "new_top_p", "new_top_k", "new_seed",
@@ -117,6 +121,8 @@ class StepPlan:
     cached_token_ids: np.ndarray = _empty(PLAN_ARRAYS["cached_token_ids"])
     prompt_logprob_counts: np.ndarray = _empty(PLAN_ARRAYS["prompt_logprob_counts"])
     prompt_logprob_token_ids: np.ndarray = _empty(PLAN_ARRAYS["prompt_logprob_token_ids"])
+    grammar_rows: np.ndarray = _empty(PLAN_ARRAYS["grammar_rows"])
+    grammar_bitmask: np.ndarray = _empty(PLAN_ARRAYS["grammar_bitmask"])
 
     @property
     def num_sampled(self) -> int:
@@ -168,6 +174,24 @@ class StepPlan:
         if int(counts.sum()) != len(self.prompt_logprob_token_ids):
             raise ValueError(f"plan {self.step_id}: prompt_logprob_counts add up to {int(counts.sum())}, "
                              f"prompt_logprob_token_ids has {len(self.prompt_logprob_token_ids)}")
+        self._check_grammar()
+
+    def _check_grammar(self) -> None:
+        rows, n_rows = self.grammar_rows, len(self.grammar_rows)
+        if not n_rows:
+            if len(self.grammar_bitmask):
+                raise ValueError(f"plan {self.step_id}: grammar_bitmask without grammar_rows")
+            return
+        if len(self.grammar_bitmask) % n_rows or not len(self.grammar_bitmask):
+            raise ValueError(f"plan {self.step_id}: grammar_bitmask has {len(self.grammar_bitmask)} words, "
+                             f"not a positive multiple of its {n_rows} grammar_rows")
+        if rows.min() < 0 or rows.max() >= self.num_sampled or np.any(np.diff(rows) <= 0):
+            raise ValueError(f"plan {self.step_id}: grammar_rows must be increasing indices of sampled entries "
+                             f"in [0, {self.num_sampled})")
+
+    @property
+    def grammar_words_per_row(self) -> int:
+        return len(self.grammar_bitmask) // len(self.grammar_rows) if len(self.grammar_rows) else 0
 
 
 @dataclass(slots=True)

@@ -26,18 +26,28 @@ a token sampled for a sequence that finished meanwhile is discarded (`num_discar
 What may not run ahead: a sequence whose pending token is its last by length (nothing is
 planned for it), and a preempted one with a token in flight (its prefill needs the id).
 Prefix-cache hashes cover known tokens only, so a discarded token never enters one.
+
+Structured output: a constrained sequence (`Sequence.grammar`) is planned only when none of
+its tokens is in flight, since its allowed-token bitmask, filled here from its matcher,
+depends on every token before; so under overlap it samples every other step while the
+unconstrained ones never wait (docs/structured_output.md). postprocess advances its
+matcher, and a matcher that accepted a stop token ends it.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 from collections import deque
 from dataclasses import dataclass
 
 from controlplane.core.block_manager import BlockManager
 from controlplane.core.plan_builder import PlanBuilder, ScheduledRun, StepRuns
 from controlplane.core.sequence import FinishReason, Sequence, SequenceStatus
+from controlplane.structured.grammar_state import BitmaskFiller, add_grammar_masks
 from proto.step import RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan, StepResult
+
+log = logging.getLogger("controlplane.core.scheduler")
 
 
 @dataclass(slots=True)
@@ -124,6 +134,8 @@ class Scheduler:
         self.num_discarded_tokens = 0  # sampled for a sequence that had finished by then (overlap, aborts)
         self.in_flight: deque[InFlightStep] = deque()  # oldest first
         self.fast_decodes = True  # plain decodes skip _take (tests turn it off to compare plans)
+        self.num_constrained = 0  # unfinished sequences under a grammar: 0 skips the bitmask pass
+        self.bitmask_filler = BitmaskFiller()
 
     @property
     def num_running(self) -> int:
@@ -147,6 +159,7 @@ class Scheduler:
             frozenset() if seq.sampling.ignore_eos else self._eos_token_ids)
         self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
+        self.num_constrained += seq.grammar is not None
 
     def abort(self, seq_id: str) -> Sequence | None:
         seq = self.seqs.get(seq_id)
@@ -166,6 +179,7 @@ class Scheduler:
             self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self.num_constrained -= seq.grammar is not None
 
     def reset_dataplane(self, num_blocks: int | None = None, max_num_seqs: int | None = None,
                         max_num_batched_tokens: int | None = None) -> None:
@@ -210,6 +224,8 @@ class Scheduler:
         if not runs:
             return None
         plan = self.plan_builder.build(self.slots.take_drops(), runs)
+        if self.num_constrained:
+            add_grammar_masks(plan, runs.slots, runs.flags, self.slots.seqs, self.bitmask_filler)
         self.in_flight.append(InFlightStep(plan, list(self.slots.seqs), runs))
         return plan
 
@@ -229,8 +245,9 @@ class Scheduler:
                 break
             ids, num_pending, start = seq.token_ids, seq.num_pending_tokens, seq.num_computed_tokens
             num_tokens = len(ids) + num_pending
-            if num_pending and (num_tokens >= seq.max_num_tokens or num_tokens >= max_seq_len):
-                continue  # a step in flight samples its last token by length: nothing more to run
+            if num_pending and (num_tokens >= seq.max_num_tokens or num_tokens >= max_seq_len
+                                or seq.grammar is not None):
+                continue  # a step in flight samples its last token by length, or the mask needs it
             # a decode (start == num_tokens - 1) registers the block it fills when len(ids) is a multiple
             # of block_size, and needs a new block when num_tokens is past the table's end (a running
             # sequence's blocks were all sent with its earlier runs: check_invariants)
@@ -279,6 +296,9 @@ class Scheduler:
             ids = seq.token_ids
             ids.append(token)
             seq.last_token_on_device = seq.slot is not None  # not when preempted since
+            if seq.grammar is not None and self._grammar_stops(seq, token):
+                out.append((seq, token))
+                continue
             # most tokens stop nothing: _stop_reason only for those that might
             if token in seq.stop_ids or len(ids) >= seq.max_num_tokens or len(ids) >= max_seq_len:
                 reason = self._stop_reason(seq, token)
@@ -286,6 +306,19 @@ class Scheduler:
                     self.finish(seq, reason)
             out.append((seq, token))
         return out
+
+    def _grammar_stops(self, seq: Sequence, token: int) -> bool:
+        """Advances seq's matcher by its new token; True when that ended seq (the grammar is done)."""
+        if not seq.grammar.accept(token):
+            # the data plane samples inside the mask, so this is a bug or a vocabulary mismatch
+            log.error("grammar refused token %d of %s; ending the sequence", token, seq.seq_id)
+            self.finish(seq, FinishReason.ABORT)
+            return True
+        if seq.grammar.is_terminated:  # it accepted a stop token (EOS, even under ignore_eos)
+            seq.stop_token_id = token
+            self.finish(seq, FinishReason.STOP)
+            return True
+        return False
 
     def check_invariants(self) -> None:
         """For tests: blocks and slots agree with the live sequences."""

@@ -32,6 +32,8 @@ class SamplingOptions:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured output: a compiled grammar (controlplane/structured); each sample gets its own matcher
+    structured_output: object | None = None
 
     @property
     def uses_penalties(self) -> bool:
@@ -89,6 +91,8 @@ class Sequence:
     # the ids that stop it past min_tokens: sampling.stop_token_ids, and the EOS ids unless
     # ignore_eos (set by Scheduler.add, which knows the EOS ids)
     stop_ids: frozenset[int] = frozenset()
+    # structured output's matcher (controlplane/structured/grammar_state.py), None when unconstrained
+    grammar: object | None = None
     max_num_tokens: int = field(init=False)  # prompt + max_tokens: it stops by length there
 
     def __post_init__(self) -> None:
@@ -97,6 +101,8 @@ class Sequence:
             self.num_prompt_tokens = len(self.token_ids)
         self.request_id = self.request_id or self.seq_id
         self.max_num_tokens = self.num_prompt_tokens + self.sampling.max_tokens
+        if self.sampling.structured_output is not None and self.grammar is None:
+            self.grammar = self.sampling.structured_output.new_state()
 
     @property
     def num_tokens(self) -> int:

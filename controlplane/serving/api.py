@@ -7,6 +7,7 @@ errors to status codes.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import grpc
 import structlog
@@ -16,6 +17,8 @@ from controlplane.serving.engine import Engine, EngineFailure, OutputStream, Req
 from controlplane.serving.logprobs import PositionLogprobs
 from controlplane.serving.tokenizer import Tokenizer
 from controlplane.serving.validation import InvalidRequest, RequestLimits, chat_messages, validate_generate
+from controlplane.structured.compiler import StructuredOutputCompiler
+from controlplane.structured.spec import InvalidStructuredOutput
 from proto.nanoplane.v1 import generation_pb2, generation_pb2_grpc
 
 log = structlog.get_logger("controlplane.serving.api")
@@ -43,8 +46,10 @@ def response_of(output: RequestOutput) -> generation_pb2.GenerateResponse:
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: RequestLimits, model_info: generation_pb2.ModelInfo,
-                 admission: AdmissionControl):
+                 admission: AdmissionControl, grammars: StructuredOutputCompiler | None = None):
         self.engine = engine
+        self.grammars = grammars or StructuredOutputCompiler.for_tokenizer(tokenizer, limits.vocab_size,
+                                                                           engine.scheduler.config.eos_token_ids)
         self.tokenizer = tokenizer
         self.limits = limits
         self.model_info = model_info
@@ -56,6 +61,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         sampling = validated.sampling
+        if validated.structured_output is not None:
+            try:  # on the compile pool: this call waits, the engine and other calls go on
+                compiled = await self.grammars.compile_async(validated.structured_output)
+            except InvalidStructuredOutput as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            sampling = replace(sampling, structured_output=compiled)
         num_tokens = len(validated.prompt_token_ids) + sampling.max_tokens * sampling.n
         try:
             self.admission.admit(num_tokens)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from controlplane.core.sequence import SamplingOptions
 from controlplane.serving.tokenizer import Tokenizer
+from controlplane.structured.spec import InvalidStructuredOutput, StructuredOutputSpec, check_compatible, spec_from_proto
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 64
@@ -39,6 +40,7 @@ class ValidatedRequest:
     prompt_token_ids: list[int]
     sampling: SamplingOptions
     request_id: str = ""  # empty: the server makes one
+    structured_output: StructuredOutputSpec | None = None  # compiled by the servicer, off the engine thread
 
 
 def chat_messages(pb_messages) -> list[dict]:
@@ -180,4 +182,11 @@ def validate_generate(request, tokenizer: Tokenizer, limits: RequestLimits) -> V
         raise InvalidRequest(request.WhichOneof("input"),
                              f"the prompt has {len(ids)} tokens but the whole KV cache holds "
                              f"{limits.kv_capacity_tokens}; shorten the prompt")
-    return ValidatedRequest(ids, sampling_options(request.sampling, len(ids), limits), rid)
+    sampling = sampling_options(request.sampling, len(ids), limits)
+    try:
+        spec = spec_from_proto(request.sampling)
+        if spec is not None:
+            check_compatible(spec, sampling)
+    except InvalidStructuredOutput as e:
+        raise InvalidRequest(e.field, str(e).removeprefix(f"{e.field}: ")) from e
+    return ValidatedRequest(ids, sampling, rid, spec)
