@@ -27,8 +27,14 @@ PERSON = {
 
 @pytest.fixture(scope="module")
 def stack(tiny_model_dir):
+    import asyncio
+
+    from gateway.http_gateway import start_http_gateway
+
     s = InProcessStack(str(tiny_model_dir("llama")), block_size=16, num_kv_blocks=128, max_num_batched_tokens=64)
+    s.gateway = asyncio.run_coroutine_threadsafe(start_http_gateway(s.target, "127.0.0.1", 0), s.loop).result(30)
     yield s
+    asyncio.run_coroutine_threadsafe(s.gateway.stop(), s.loop).result(30)
     s.close()
 
 
@@ -108,3 +114,49 @@ def test_compiled_grammars_are_cached_by_text(tiny_model_dir):
     assert compiler.compile(StructuredOutputSpec("regex", "[0-9]+")) is first
     assert compiler.compile(StructuredOutputSpec("regex", "[0-9]*")) is not first
     assert (compiler.num_compiled, compiler.num_cache_hits) == (2, 1)
+
+
+@pytest.mark.parametrize("body, kind", [
+    ({"response_format": {"type": "text"}}, None),
+    ({"response_format": {"type": "json_object"}}, "json_object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}}, "json_schema"),
+    ({"guided_json": PERSON}, "json_schema"),
+    ({"guided_regex": "a+"}, "regex"),
+    ({"guided_choice": ["a", "b"]}, "choice"),
+    ({"guided_grammar": 'root ::= "a"'}, "grammar"),
+])
+def test_gateway_maps_response_format_and_guided_fields(body, kind):
+    from gateway.openai_protocol import parse_chat_request
+
+    job = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **body})
+    got = job.params.structured_output
+    assert (got.kind if got else None) == kind
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"guided_choice": "a"}, "guided_choice"),
+    ({"guided_regex": "a", "guided_json": {}}, "guided_regex"),
+])
+def test_gateway_refuses_malformed_structured_output(body, param):
+    from gateway.openai_protocol import OpenAIError, parse_chat_request
+
+    with pytest.raises(OpenAIError) as e:
+        parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **body})
+    assert e.value.status == 400 and e.value.param == param
+
+
+def test_openai_client_gets_schema_valid_json(stack):
+    openai = pytest.importorskip("openai")
+    oai = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.gateway.port}/v1", api_key="x", max_retries=0, timeout=60)
+    model = oai.models.list().data[0].id
+    out = oai.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "A person?"}], max_tokens=96, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    assert out.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(out.choices[0].message.content), PERSON)
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                    extra_body={"guided_regex": "a(b"})
+    assert "Regex parsing error" in str(e.value)
