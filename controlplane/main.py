@@ -149,6 +149,13 @@ async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane
     registry.add(CounterReader("nanoplane:requests_rejected_total",
                                "Requests refused with RESOURCE_EXHAUSTED by admission control.",
                                lambda: admission.num_rejected))
+    filler = engine.scheduler.bitmask_filler  # structured output's cost on the engine thread
+    registry.add(CounterReader("nanoplane:grammar_bitmask_seconds_total",
+                               "Seconds the engine thread spent filling structured output's token bitmasks.",
+                               lambda: filler.total_s))
+    registry.add(CounterReader("nanoplane:grammar_bitmask_rows_total",
+                               "Token bitmasks filled for constrained rows (one per constrained sampled token).",
+                               lambda: float(filler.num_rows)))
     registry.add(Gauge("nanoplane:pending_tokens", "Prompt + max_tokens × n of the unfinished requests.",
                        lambda: admission.num_pending_tokens))
     running = RunningControlPlane(server, engine, health_servicer, port, model_info, readiness, drain, registry)
