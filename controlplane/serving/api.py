@@ -18,7 +18,7 @@ from controlplane.serving.logprobs import PositionLogprobs
 from controlplane.serving.tokenizer import Tokenizer
 from controlplane.serving.validation import InvalidRequest, RequestLimits, chat_messages, validate_generate
 from controlplane.structured.compiler import StructuredOutputCompiler
-from controlplane.structured.spec import InvalidStructuredOutput
+from controlplane.structured.spec import InvalidStructuredOutput, StructuredOutputUnavailable
 from proto.nanoplane.v1 import generation_pb2, generation_pb2_grpc
 
 log = structlog.get_logger("controlplane.serving.api")
@@ -66,6 +66,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 compiled = await self.grammars.compile_async(validated.structured_output)
             except InvalidStructuredOutput as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except StructuredOutputUnavailable as e:
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(e))
             sampling = replace(sampling, structured_output=compiled)
         num_tokens = len(validated.prompt_token_ids) + sampling.max_tokens * sampling.n
         try:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from controlplane.structured import xgrammar_core
-from controlplane.structured.spec import InvalidStructuredOutput, StructuredOutputSpec
+from controlplane.structured.spec import InvalidStructuredOutput, StructuredOutputSpec, StructuredOutputUnavailable
 
 DEFAULT_CACHE_ENTRIES = 256
 DEFAULT_COMPILE_THREADS = 2
@@ -101,7 +101,10 @@ class StructuredOutputCompiler:
     def _xgrammar_compiler(self):
         with self._lock:
             if self._compiler is None:
-                xg = xgrammar_core.load()
+                try:
+                    xg = xgrammar_core.load()
+                except ImportError as e:
+                    raise StructuredOutputUnavailable(xgrammar_core.INSTALL_HINT) from e
                 info = xg.TokenizerInfo.from_huggingface(self._hf_tokenizer, vocab_size=self.vocab_size,
                                                          stop_token_ids=self._stop_token_ids or None)
                 self._compiler = xg.GrammarCompiler(info, max_threads=self._threads, cache_enabled=False)

@@ -18,6 +18,10 @@ class InvalidStructuredOutput(ValueError):
         self.field = field
 
 
+class StructuredOutputUnavailable(RuntimeError):
+    """This control plane cannot compile grammars (xgrammar is not installed): UNIMPLEMENTED."""
+
+
 @dataclass(frozen=True, slots=True)
 class StructuredOutputSpec:
     """kind is one of KINDS; text is the schema (JSON text), regex, EBNF grammar, or the choices

@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from functools import cache
 
 
+# xgrammar's wheel requires torch; the control plane needs only its native core and Python front
+INSTALL_HINT = ("structured output needs xgrammar on the control plane: "
+                "pip install --no-deps 'xgrammar>=0.2.9' && pip install apache-tvm-ffi pydantic")
+
+
 @dataclass(frozen=True)
 class XGrammar:
     core: object  # the native binding: GrammarMatcher, BatchGrammarMatcher, ...
@@ -30,7 +35,7 @@ def _torch_free_package() -> None:
         return
     spec = importlib.util.find_spec("xgrammar")
     if spec is None or spec.submodule_search_locations is None:
-        raise ImportError("structured output needs the xgrammar package: pip install xgrammar")
+        raise ImportError(INSTALL_HINT)
     package = types.ModuleType("xgrammar")
     package.__path__ = list(spec.submodule_search_locations)
     package.__package__ = "xgrammar"
