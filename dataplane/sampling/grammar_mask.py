@@ -25,7 +25,7 @@ def apply_grammar_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: tor
     """logits [num_sampled, vocab]; rows int64 [n] into them; bitmask int32 [n, words]. In place."""
     if not len(rows):
         return
-    if grammar_mask_kernel is not None and grammar_mask_kernel.enabled_for(logits):
+    if grammar_mask_kernel is not None and grammar_mask_kernel.enabled_for(logits) and logits.stride(1) == 1:
         grammar_mask_kernel.apply(logits, rows, bitmask)
     else:
         apply_grammar_bitmask_torch(logits, rows, bitmask)

@@ -29,6 +29,6 @@ def grammar_mask_kernel(logits_ptr, stride_row, rows_ptr, bitmask_ptr, vocab_siz
 def apply(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
     n, words = bitmask.shape
     vocab_size = logits.shape[1]
-    assert logits.stride(1) == 1 and bitmask.is_contiguous()
+    bitmask = bitmask.contiguous()
     grid = (n, triton.cdiv(vocab_size, BLOCK))
     grammar_mask_kernel[grid](logits, logits.stride(0), rows, bitmask, vocab_size, words, BLOCK=BLOCK)
