@@ -13,6 +13,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from controlplane.structured.grammar_state import BitmaskFiller
 from controlplane.serving.admission import AdmissionControl
 from controlplane.serving.api import GenerationServicer
 from controlplane.ops.auth import BearerTokenAuth, load_tokens
@@ -77,6 +78,7 @@ def build_engine(config: ControlPlaneConfig):
              transport=dataplane.transport_name, transport_reason=dataplane.transport_reason,
              num_kv_blocks=info.num_kv_blocks, block_size=info.block_size, device=info.device)
     reconnector = DataPlaneReconnector(dataplane, info, config.dataplane_reconnect_timeout_s)
+    scheduler.bitmask_filler = BitmaskFiller(config.structured_output_threads)
     return Engine(scheduler, tokenizer, dataplane, reconnector, config.overlap), tokenizer, limits, model_info
 
 
