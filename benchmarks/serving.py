@@ -187,7 +187,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from client import Client
     from nanoplane.local_planes import LocalPlanes
     from client.loop_thread import EventLoopThread
-    from gateway.http_gateway import start_http_gateway
 
     loop = planes = gateway = None
     target, http_url = args.target, args.http_url
@@ -197,7 +196,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             planes = LocalPlanes(args.model, loop, **dict(args.engine_arg))
             target = planes.target
             if args.backend == "http":
-                gateway = loop.run(start_http_gateway(target, "127.0.0.1", 0))
+                from gateway.config import GatewayConfig
+                from gateway.http_gateway import start_http_gateway
+
+                gateway = loop.run(start_http_gateway(GatewayConfig(target, http_port=0)))
                 http_url = f"http://127.0.0.1:{gateway.port}/v1"
         with Client(target, timeout_s=60) as client:
             info = client.model_info()

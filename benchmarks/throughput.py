@@ -3,7 +3,7 @@
     python benchmarks/throughput.py                 # data plane as its own process, gRPC between the planes
     python benchmarks/throughput.py --in-process    # the same engine without the process boundary
 
-Workload (DESIGN.md): random.seed(0); 256 sequences; prompt lengths U[100, 1024] of token
+Workload (docs/design.md): random.seed(0); 256 sequences; prompt lengths U[100, 1024] of token
 ids U[0, 10000]; max_tokens U[100, 1024]; ignore_eos; temperature 0.6 -> 133,966 output
 tokens. Model: Qwen3-0.6B architecture with random bf16 weights unless --model is given.
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from proto.nanoplane.v1 import generation_pb2
+from proto.sampling_schema import OPTION
 
-KINDS = ("json_schema", "regex", "grammar", "choice", "json_object")
+KINDS = OPTION["structured_output"].members  # the oneof's fields in generation.proto
 
 
 @dataclass(frozen=True)

@@ -4,54 +4,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Sequence, Union
 
-from client.structured import StructuredOutput
 from proto.nanoplane.v1 import generation_pb2
+from proto.sampling_schema import OPTIONS, WIRE_RANGE, options_dataclass
+
+SAMPLING_OPTIONS = OPTIONS  # the table, for the client's own clients (the OpenAI gateway)
 
 Prompt = Union[str, Sequence[int]]
 
 
-@dataclass
-class SamplingParams:
-    """Named as in vLLM; None leaves the server's default (vLLM's). docs/sampling.md says what each does.
+class _SamplingParamsMethods:
+    """Named as in vLLM; None leaves the server's default (vLLM's). docs/sampling.md says what each does;
+    proto/sampling_schema.py declares them (one field each, in its order).
 
     n > 1 asks for n samples of the prompt: use Client.generate_n (or generate_stream,
-    whose deltas carry their sample's `index`)."""
+    whose deltas carry their sample's `index`). structured_output takes a StructuredOutput
+    (client/structured.py): a JSON schema, regex, grammar or choice the text must match."""
 
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    max_tokens: int | None = None
-    stop: Sequence[str] = ()
-    stop_token_ids: Sequence[int] = ()
-    ignore_eos: bool = False
-    seed: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logprobs: int | None = None  # top logprobs per generated token (0 = the token's own only)
-    prompt_logprobs: int | None = None  # the same for each prompt token after the first
-    n: int | None = None
-    min_tokens: int | None = None
-    skip_special_tokens: bool | None = None
-    include_stop_str_in_output: bool = False
-    structured_output: StructuredOutput | None = None  # client/structured.py: JSON schema, regex, grammar, choice
-
-    _OPTIONAL = ("temperature", "top_p", "top_k", "max_tokens", "seed", "min_p", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty", "logprobs", "prompt_logprobs", "n", "min_tokens",
-                 "skip_special_tokens")
+    __slots__ = ()
 
     def to_proto(self) -> generation_pb2.SamplingParams:
-        pb = generation_pb2.SamplingParams(stop=list(self.stop), stop_token_ids=list(self.stop_token_ids),
-                                           ignore_eos=self.ignore_eos,
-                                           include_stop_str_in_output=self.include_stop_str_in_output)
-        for name in self._OPTIONAL:
-            value = getattr(self, name)
-            if value is not None:
-                setattr(pb, name, value)
-        if self.structured_output is not None:
-            self.structured_output.fill(pb)
+        pb = generation_pb2.SamplingParams()
+        for option in OPTIONS:
+            value = getattr(self, option.name)
+            if option.repeated:
+                getattr(pb, option.name).extend(value)
+            elif option.wire == "oneof":
+                if value is not None:  # structured_output: a client.StructuredOutput
+                    value.fill(pb)
+            elif value is not None:
+                setattr(pb, option.name, value)
         return pb
+
+
+SamplingParams = options_dataclass("SamplingParams", _SamplingParamsMethods, unset_is_none=True, frozen=False)
 
 
 @dataclass(frozen=True)
@@ -69,6 +54,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     rank: int
+    token: str = ""  # the token's text (decoded alone)
 
 
 @dataclass(frozen=True)
@@ -145,7 +131,7 @@ class ModelInfo:
 
 def _logprobs_from_proto(entries) -> list[PositionLogprobs]:
     def token(t):
-        return TokenLogprob(t.token_id, t.logprob, t.rank)
+        return TokenLogprob(t.token_id, t.logprob, t.rank, t.token)
     return [PositionLogprobs(token(e.token), [token(t) for t in e.top]) for e in entries]
 
 

@@ -10,7 +10,7 @@ ENV_PREFIX = "NANOPLANE_CP_"
 class ControlPlaneConfig:
     host: str = "127.0.0.1"
     port: int = 50051
-    dataplane: str = "127.0.0.1:50061"
+    dataplane: str = "127.0.0.1:50061"  # one or more HOST:PORT, comma-separated
     transport: str = "auto"  # auto | shm | grpc: how steps reach the data plane
     tokenizer: str = ""  # empty = the model path the data plane reports
     served_model_name: str = ""  # empty = the data plane's model name
@@ -20,6 +20,13 @@ class ControlPlaneConfig:
     max_n: int = 16
     overlap: bool = True
     structured_output_threads: int = 0  # 0 = half the cores, at most 8
+    # many data planes (docs/multi_dataplane.md)
+    dataplane_dns: str = ""
+    dataplane_discovery_interval_s: float = 5.0
+    placement: str = "prefix"
+    scheduling_policy: str = "fcfs"
+    priority_aging_requests: int = 1000
+    admin_token_file: str = ""
     # reliability (docs/reliability.md)
     dataplane_reconnect_timeout_s: float = 60.0
     max_waiting_requests: int = 1024
@@ -31,6 +38,7 @@ class ControlPlaneConfig:
     max_message_bytes: int = 16 * 2**20
     health_port: int = 0
     metrics_port: int = 0
+    metrics_auth_token_file: str = ""
     shutdown_grace_s: float = 30.0
     dataplane_tls_ca: str = ""
     dataplane_tls_cert: str = ""
@@ -40,13 +48,31 @@ class ControlPlaneConfig:
     dataplane_keepalive_s: float = 5.0
     dataplane_keepalive_timeout_s: float = 5.0
     dataplane_health_interval_s: float = 2.0
+    dataplane_token_file: str = "auto"
+    dataplane_liveness_timeout_s: float = 8.0  # + up to 2 probes of 0.8 s: lost within 10 s
+    max_prompt_chars: int = 2**20
+    max_prompt_tokens: int = 2**18
+    tokenizer_workers: int = 2
 
     def validate(self) -> None:
         problems = []
         if not 0 <= self.port < 65536:
             problems.append(f"--port must be in [0, 65535], got {self.port}")
-        if ":" not in self.dataplane:
-            problems.append(f"--dataplane must be HOST:PORT, got {self.dataplane!r}")
+        from controlplane.link.discovery import split_targets, target_problem
+        from controlplane.serving.placement import POLICIES
+        problems += filter(None, (target_problem(t, "--dataplane") for t in split_targets(self.dataplane)))
+        if self.dataplane_dns and (problem := target_problem(self.dataplane_dns, "--dataplane-dns")):
+            problems.append(problem)
+        if not split_targets(self.dataplane) and not self.dataplane_dns:
+            problems.append("give the data planes with --dataplane HOST:PORT[,HOST:PORT...] or --dataplane-dns NAME:PORT")
+        if self.dataplane_discovery_interval_s <= 0:
+            problems.append("--dataplane-discovery-interval-s must be positive")
+        if self.placement not in POLICIES:
+            problems.append(f"--placement must be one of {', '.join(POLICIES)}, got {self.placement!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            problems.append(f"--scheduling-policy must be fcfs or priority, got {self.scheduling_policy!r}")
+        if self.priority_aging_requests < 1:
+            problems.append(f"--priority-aging-requests must be >= 1, got {self.priority_aging_requests}")
         if self.transport not in ("auto", "shm", "grpc"):
             problems.append(f"--transport must be auto, shm or grpc, got {self.transport!r}")
         if self.dataplane_connect_timeout_s <= 0:
@@ -63,6 +89,13 @@ class ControlPlaneConfig:
             problems.append(f"--max-waiting-requests must be >= 1, got {self.max_waiting_requests}")
         if self.max_pending_tokens < 1:
             problems.append(f"--max-pending-tokens must be >= 1, got {self.max_pending_tokens}")
+        if self.dataplane_liveness_timeout_s <= 0:
+            problems.append(f"--dataplane-liveness-timeout-s must be positive, got {self.dataplane_liveness_timeout_s}")
+        for flag, value in (("--max-prompt-chars", self.max_prompt_chars),
+                            ("--max-prompt-tokens", self.max_prompt_tokens),
+                            ("--tokenizer-workers", self.tokenizer_workers)):
+            if value < 1:
+                problems.append(f"{flag} must be >= 1, got {value}")
         from controlplane.ops.security import config_problems  # imports grpc, which config users need anyway
         problems += config_problems(self)
         if problems:
@@ -71,12 +104,27 @@ class ControlPlaneConfig:
 
 # Options of a data plane elsewhere; `nanoplane serve` starts its own on loopback and leaves them out.
 REMOTE_DATAPLANE_FIELDS = ("dataplane", "dataplane_tls_ca", "dataplane_tls_cert", "dataplane_tls_key",
-                           "dataplane_tls_server_name")
+                           "dataplane_tls_server_name", "dataplane_token_file")
 
 HELP = {
     "host": "address the public Generation API listens on",
     "port": "port the public Generation API listens on (0 = pick a free one)",
-    "dataplane": "HOST:PORT of the data plane's gRPC service",
+    "dataplane": "HOST:PORT of the data plane's gRPC service; several, comma-separated, for many data planes "
+                 "behind this control plane (docs/multi_dataplane.md)",
+    "dataplane_dns": "NAME:PORT: also use every address NAME resolves to as a data plane, re-resolved every "
+                     "--dataplane-discovery-interval-s (a Kubernetes headless Service); with it, the default "
+                     "--dataplane is left out",
+    "dataplane_discovery_interval_s": "how often new data planes (DNS, or listed ones that did not answer) are "
+                                      "looked for and joined",
+    "placement": "which data plane a new request goes to: prefix (where the longest prefix of it is cached, "
+                 "unless that plane is much busier), least-loaded or round-robin",
+    "scheduling_policy": "fcfs (arrival order) or priority (a request's priority, lower first; under KV "
+                         "pressure the lowest-priority newest sequence is preempted first)",
+    "priority_aging_requests": "with --scheduling-policy priority, a request of priority p is ordered as if it "
+                               "arrived p × this many requests later: it waits behind at most that many later "
+                               "arrivals per priority level of difference (starvation bound)",
+    "admin_token_file": "file of bearer tokens, one per line, that the Admin API (drain, undrain, join, list) "
+                        "accepts (also NANOPLANE_CP_ADMIN_TOKENS); none = the Admin API refuses every call",
     "transport": "how step plans and results travel: auto (shared memory when the data plane runs on this host "
                  "and offers it, else gRPC), shm (fail at start-up when it cannot) or grpc",
     "tokenizer": "tokenizer path (HF folder or .gguf); empty = the data plane's model path",
@@ -87,7 +135,7 @@ HELP = {
     "max_n": "most parallel samples a request may ask for (sampling.n)",
     "overlap": "plan step N+1 while the data plane runs step N (stop conditions act one step late; "
                "--no-overlap waits for each result before planning the next step)",
-    "structured_output_threads": "threads filling structured output's token bitmasks each step "
+    "structured_output_threads": "threads filling structured output's token bitmasks each step, per data plane "
                                  "(0 = half the cores, at most 8; the whole batch's masks are filled in parallel)",
     "dataplane_reconnect_timeout_s": "when the data plane is lost, how long requests in flight wait for it to come "
                                      "back (they are recomputed then) before they fail with UNAVAILABLE",
@@ -101,6 +149,8 @@ HELP = {
     "max_message_bytes": "largest request or response message of the public API",
     "health_port": "plaintext port serving only grpc.health.v1, for probes that cannot do TLS (0 = off)",
     "metrics_port": "port of the Prometheus /metrics endpoint over HTTP (0 = off)",
+    "metrics_auth_token_file": "file of bearer tokens, one per line, that GET /metrics requires (401 without "
+                               "one); empty = /metrics is open",
     "shutdown_grace_s": "on SIGTERM, how long in-flight requests may run on before they are aborted",
     "dataplane_tls_ca": "PEM CA certificate that signed the data plane's certificate; turns TLS to the data plane on",
     "dataplane_tls_cert": "PEM client certificate presented to the data plane (mutual TLS)",
@@ -110,4 +160,15 @@ HELP = {
     "dataplane_keepalive_s": "send the data plane a keepalive ping this often (seconds), to notice when it is gone",
     "dataplane_keepalive_timeout_s": "the data plane is gone when a ping gets no answer within this",
     "dataplane_health_interval_s": "how often the data plane's health is checked, for this plane's health",
+    "dataplane_token_file": "file holding the data plane's token (its --auth-token-file), presented on every call "
+                            "to it; auto: the per-launch token of a data plane on loopback, read from where it "
+                            "wrote it (none for another host: then give the file, or use mutual TLS)",
+    "dataplane_liveness_timeout_s": "while a step is outstanding, a data plane that neither answers it nor a health "
+                                    "probe for this long (frozen, stopped, a hung host) is declared lost and the "
+                                    "requests wait for it to come back (--dataplane-reconnect-timeout-s)",
+    "max_prompt_chars": "longest prompt (or chat messages' content together) in characters; longer ones get "
+                        "INVALID_ARGUMENT before they are tokenized",
+    "max_prompt_tokens": "most tokens a prompt may encode to (the model length also bounds it)",
+    "tokenizer_workers": "threads that tokenize prompts, off the API's event loop; also the most prompts tokenized "
+                         "at once (the others wait their turn)",
 }

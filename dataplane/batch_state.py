@@ -7,9 +7,10 @@ the block tables are mirrored on the device (a plan's block writes are scattered
 them), and the last sampled token of each slot stays there, so a decode step's input
 ids never cross the wire or the PCIe bus. The small arrays a step does send go in one
 packed, pinned upload (dataplane/host_transfer.py), and nothing here reads the device:
-`apply` never waits for steps still in flight. Sampling params live in
-`SlotSamplingParams` (dataplane/sampling/sampling_params.py); the token history that penalties
-need, in `PenaltyState` (dataplane/sampling/penalties.py), fed here with every token that runs.
+`apply` never waits for steps still in flight. This module is where a step's inputs are
+prepared; what sampling remembers per slot (params, the token history penalties need) lives in
+`SamplingState` (dataplane/sampling/sampling_state.py), which `apply` feeds with every plan and
+every token that runs.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ import torch
 
 from dataplane.context import AttentionMetadata
 from dataplane.host_transfer import Uploads
-from dataplane.sampling.penalties import PenaltyState
-from dataplane.sampling.sampler import SamplerPlan, plan_sampling
-from dataplane.sampling.sampling_params import SamplingInputs, SlotSamplingParams
+from dataplane.sampling.sampler import SamplerPlan
+from dataplane.sampling.sampling_params import SamplingInputs
+from dataplane.sampling.sampling_state import PenaltyTokens, SamplingState
 from proto.step import RUN_PROMPT_LOGPROBS, RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
 
 
@@ -55,6 +56,18 @@ class StepInputs:
     grammar: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+@dataclass(slots=True)
+class StagedStep:
+    """A step's inputs whose arrays are staged in the upload, and what its device side needs once that landed."""
+
+    inputs: StepInputs  # input_ids and meta.block_tables are filled in by _finish_inputs
+    max_blocks: int  # block-table columns the step reads
+    plan_ids: torch.Tensor | None  # i64 [num_tokens]: the plan's token ids, 0 at decodes; None when it has none
+    decode_rows: torch.Tensor | None  # i64: rows of decodes, which read their slot's last sampled token
+    decode_slots: torch.Tensor | None  # i64: those slots
+    penalty_tokens: PenaltyTokens | None
+
+
 class BatchState:
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, num_blocks: int,
                  max_model_len: int, vocab_size: int, device: torch.device, max_num_batched_tokens: int = 0):
@@ -69,8 +82,7 @@ class BatchState:
         self.num_computed = np.zeros(max_num_seqs, dtype=np.int64)
         self.active = np.zeros(max_num_seqs, dtype=bool)
         self.has_last_token = np.zeros(max_num_seqs, dtype=bool)
-        self.sampling_params = SlotSamplingParams(max_num_seqs, device)
-        self.penalties = PenaltyState(max_num_seqs, vocab_size, device)
+        self.sampling = SamplingState(max_num_seqs, vocab_size, device)
         self.last_token = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
         self.block_tables_device = torch.zeros((max_num_seqs, max_blocks_per_seq), dtype=torch.int32, device=device)
         # a full step's ids, positions and slot mapping, plus a few int64 per slot; a bigger step grows it
@@ -88,25 +100,6 @@ class BatchState:
     def _check_token_ids(self, token_ids: np.ndarray, what: str) -> None:
         if len(token_ids) and (token_ids.min() < 0 or token_ids.max() >= self.vocab_size):
             raise PlanError(f"{what}: token id outside the vocabulary [0, {self.vocab_size})")
-
-    def _stage_penalty_history(self, plan: StepPlan):
-        """New sequences with penalties start from empty rows plus their prefix-cache hit,
-        whose tokens never run here (the plan carries them as cached_token_ids)."""
-        uses = plan.new_uses_penalties
-        if not np.any(uses):
-            return None
-        slots = plan.new_slots[uses]
-        num_cached = plan.new_num_cached_tokens[uses].astype(np.int64)
-        owner = np.repeat(np.arange(len(slots)), num_cached)
-        positions = np.arange(int(num_cached.sum())) - np.repeat(np.cumsum(num_cached) - num_cached, num_cached)
-        is_prompt = positions < plan.new_num_prompt_tokens[uses][owner]
-        return slots, self.uploads.stage(plan.cached_token_ids, torch.long), slots[owner], is_prompt
-
-    def _apply_penalty_history(self, staged) -> None:
-        slots, token_ids, token_slots, is_prompt = staged
-        self.penalties.reset(slots)
-        if len(token_slots):
-            self.penalties.observe(token_ids, token_slots, is_prompt)
 
     def apply(self, plan: StepPlan) -> StepInputs | None:
         """Folds the plan's deltas into the state and builds this step's inputs (None when nothing runs).
@@ -129,7 +122,7 @@ class BatchState:
         for name in ("new_num_logprobs", "new_num_prompt_logprobs"):
             if len(new) and getattr(plan, name).max() > self.vocab_size:
                 raise PlanError(f"{name}: more top logprobs than the vocabulary has ({self.vocab_size})")
-        self.sampling_params.admit(plan)
+        self.sampling.admit(plan)
 
         self._check_slots(plan.block_slots, "block_slots")
         if len(plan.block_ids):
@@ -148,14 +141,14 @@ class BatchState:
         if len(plan.block_ids):
             writes = (uploads.stage(plan.block_slots, torch.long), uploads.stage(plan.block_indices, torch.long),
                       uploads.stage(plan.block_ids, torch.int32))
-        history = self._stage_penalty_history(plan)
+        history = self.sampling.stage_history(plan, uploads.stage)
         staged = self._stage_inputs(plan) if len(plan.run_slots) else None
         uploads.flush()
         if writes is not None:
             self.block_tables_device[writes[0], writes[1]] = writes[2]
         if history is not None:
-            self._apply_penalty_history(history)
-        return None if staged is None else self._finish_inputs(*staged)
+            self.sampling.apply_history(history)
+        return None if staged is None else self._finish_inputs(staged)
 
     def _check_runs(self, plan: StepPlan) -> None:
         slots = plan.run_slots
@@ -173,7 +166,7 @@ class BatchState:
         if (seq_lens.max() + self.block_size - 1) // self.block_size > self.max_blocks_per_seq:
             raise PlanError("a sequence needs more blocks than a block table holds")
 
-    def _stage_inputs(self, plan: StepPlan):
+    def _stage_inputs(self, plan: StepPlan) -> StagedStep:
         stage = self.uploads.stage
         slots = plan.run_slots.astype(np.int64)
         counts = plan.run_num_tokens.astype(np.int64)
@@ -201,20 +194,16 @@ class BatchState:
             host_ids = np.zeros(num_tokens, dtype=np.int64)
             host_ids[token_in_plan] = plan.token_ids
             ids = stage(host_ids, torch.long)
-        decodes = None
+        decode_rows = decode_slots = None
         if not np.all(in_plan):
-            decodes = (stage(np.flatnonzero(~token_in_plan), torch.long), stage(slots[~in_plan], torch.long))
-        penalised = None
-        rows = np.flatnonzero(self.sampling_params.uses_penalties[token_slots])
-        if len(rows):
-            is_prompt = positions[rows] < self.sampling_params.num_prompt_tokens[token_slots[rows]]
-            penalised = (stage(rows, torch.long), token_slots[rows], is_prompt)
+            decode_rows = stage(np.flatnonzero(~token_in_plan), torch.long)
+            decode_slots = stage(slots[~in_plan], torch.long)
+        penalty_tokens = self.sampling.stage_token_rows(token_slots, positions, stage)
 
         sampled_slots = slots[sample]
-        sampling = self.sampling_params.gather(sampled_slots, seq_lens[sample], as_tensor=stage)
-        sp = self.sampling_params
+        sampling, sampler_plan = self.sampling.gather(sampled_slots, seq_lens[sample], stage)
         inputs = StepInputs(
-            input_ids=ids,
+            input_ids=None,  # _finish_inputs: from ids and the slots' last sampled tokens
             positions=stage(positions, torch.long),
             meta=AttentionMetadata(
                 slot_mapping=stage(slot_mapping, torch.long),
@@ -233,30 +222,28 @@ class BatchState:
             sampled_index=stage(sampled_slots, torch.long),
             logprob_index=stage(sampling.logprob_rows, torch.long),
             penalty_index=stage(sampling.penalty_rows, torch.long),
-            sampler_plan=plan_sampling(sp.temperature[sampled_slots], sp.top_p[sampled_slots],
-                                       sp.top_k[sampled_slots], sp.min_p[sampled_slots], sp.has_seed[sampled_slots],
-                                       self.vocab_size, lambda rows: stage(rows, torch.long)),
+            sampler_plan=sampler_plan,
             grammar=(stage(plan.grammar_rows, torch.long),
                      stage(plan.grammar_bitmask.reshape(len(plan.grammar_rows), -1), torch.int32))
             if len(plan.grammar_rows) else None,
         )
-        return inputs, num_tokens, max_blocks, ids, decodes, penalised
+        return StagedStep(inputs, max_blocks, ids, decode_rows, decode_slots, penalty_tokens)
 
-    def _finish_inputs(self, inputs: StepInputs, num_tokens: int, max_blocks: int, ids, decodes,
-                       penalised) -> StepInputs:
+    def _finish_inputs(self, staged: StagedStep) -> StepInputs:
         """The device side of the step's inputs, enqueued after the upload."""
+        inputs = staged.inputs
         row_slots = inputs.meta.block_tables
-        inputs.meta.block_tables = self.block_tables_device[:, :max_blocks].index_select(0, row_slots)
-        if decodes is None:
+        inputs.meta.block_tables = self.block_tables_device[:, :staged.max_blocks].index_select(0, row_slots)
+        ids = staged.plan_ids
+        if staged.decode_rows is None:
             inputs.input_ids = ids
         elif ids is None:
-            inputs.input_ids = self.last_token.index_select(0, decodes[1])
+            inputs.input_ids = self.last_token.index_select(0, staged.decode_slots)
         else:
-            ids[decodes[0]] = self.last_token.index_select(0, decodes[1])
+            ids[staged.decode_rows] = self.last_token.index_select(0, staged.decode_slots)
             inputs.input_ids = ids
-        if penalised is not None:
-            rows, token_slots, is_prompt = penalised
-            self.penalties.observe(inputs.input_ids[rows], token_slots, is_prompt)
+        if staged.penalty_tokens is not None:
+            self.sampling.observe(inputs.input_ids, staged.penalty_tokens)
         return inputs
 
     def _prompt_logprob_inputs(self, plan: StepPlan, cu_seqlens: np.ndarray) -> PromptLogprobInputs | None:
@@ -267,10 +254,9 @@ class BatchState:
         counts = plan.prompt_logprob_counts.astype(np.int64)
         first_row = np.repeat(cu_seqlens[flagged], counts)
         rows = first_row + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        num_top = int(self.sampling_params.num_prompt_logprobs[plan.run_slots[flagged]].max())
         return PromptLogprobInputs(rows=self.uploads.stage(rows, torch.long),
                                    token_ids=self.uploads.stage(plan.prompt_logprob_token_ids, torch.long),
-                                   num_top=max(num_top, 0))
+                                   num_top=self.sampling.num_top_prompt_logprobs(plan.run_slots[flagged]))
 
     def record_sampled(self, slots: np.ndarray, token_ids: torch.Tensor, index: torch.Tensor | None = None) -> None:
         """token_ids (on the device) were sampled at slots; index: slots as an int64 device tensor, when at hand."""

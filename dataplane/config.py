@@ -1,6 +1,7 @@
 """DataPlaneConfig: every option of the data plane, filled from flags or environment, validated once."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 ENV_PREFIX = "NANOPLANE_DP_"
@@ -36,11 +37,15 @@ class DataPlaneConfig:
     health_port: int = 0
     keepalive_s: float = 10.0
     keepalive_timeout_s: float = 5.0
+    auth_token_file: str = "auto"  # auto | a path: the credential every DataPlane RPC must carry
+    insecure: bool = False  # serve whoever reaches --host without a credential
 
     def validate(self) -> None:
         problems = []
         if not self.model:
             problems.append("--model is required (a Hugging Face folder or a .gguf file)")
+        else:
+            problems += model_path_problems(self.model)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             problems.append(f"--block-size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:
@@ -68,8 +73,21 @@ class DataPlaneConfig:
             raise ValueError("invalid data plane configuration: " + "; ".join(problems))
 
 
+def model_path_problems(model: str) -> list[str]:
+    """Checked before anything loads, so that a mistyped path is one line, not a traceback from the loader."""
+    if not os.path.exists(model):
+        return [f"--model {model}: no such file or folder; give a Hugging Face folder (config.json + "
+                "safetensors) or a .gguf file"]
+    if os.path.isdir(model) and not os.path.exists(os.path.join(model, "config.json")):
+        return [f"--model {model}: the folder has no config.json; give a Hugging Face folder or a .gguf file"]
+    if os.path.isfile(model) and not model.endswith(".gguf"):
+        return [f"--model {model}: a file that is not .gguf; give a Hugging Face folder or a .gguf file"]
+    return []
+
+
 HELP = {
-    "model": "Hugging Face folder (config.json + safetensors) or .gguf file to serve",
+    "model": "Hugging Face folder (config.json + safetensors) or .gguf file to serve; `nanoplane serve` and "
+             "`nanoplane dataplane` serve the embedded SmolLM2-135M-Instruct when it is empty",
     "load_format": "auto (weights from the checkpoint) or dummy (random weights of config.json's architecture)",
     "host": "address the DataPlane gRPC service listens on",
     "port": "port the DataPlane gRPC service listens on (0 = pick a free one)",
@@ -102,9 +120,15 @@ HELP = {
     "keepalive_s": "send the control plane a keepalive ping this often (seconds), to notice when it is gone "
                    "and free its Step stream",
     "keepalive_timeout_s": "the control plane is gone when a ping gets no answer within this",
+    "auth_token_file": "file holding the token every DataPlane RPC and shared-memory session must present (the "
+                       "control plane's --dataplane-token-file); auto: on a loopback --host without mutual TLS, a "
+                       "per-launch token written where only this user can read it and a control plane on this host "
+                       "finds it; elsewhere none, so a non-loopback --host needs mutual TLS, a file, or --insecure",
+    "insecure": "serve any process that reaches --host without a credential (no token, no mutual TLS)",
 }
 
 # What `nanoplane serve` fixes for the data plane it starts as a loopback child: the control
 # plane's flags of these names (--port, --tls-cert, ...) are about the control plane's own port.
 SERVE_CHILD_OVERRIDES = {"host": "127.0.0.1", "port": 0, "tls_cert": "", "tls_key": "", "tls_client_ca": "",
-                         "health_port": 0, "max_message_bytes": DataPlaneConfig.max_message_bytes}
+                         "health_port": 0, "max_message_bytes": DataPlaneConfig.max_message_bytes,
+                         "auth_token_file": "auto", "insecure": False}

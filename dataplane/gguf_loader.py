@@ -17,6 +17,7 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from dataplane.model_config import ModelConfig
+from proto.model_names import model_name_of_file
 
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -40,7 +41,7 @@ _REQUIRED = object()
 def read_gguf(path: str | Path) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
     """-> (config, iterator of (HF parameter name, fp32 tensor)); tensors are dequantised lazily."""
     reader = GGUFReader(path)
-    config = config_from_gguf(reader, default_name=Path(path).stem)
+    config = config_from_gguf(reader, name=model_name_of_file(str(path)))
     return config, iter_gguf_tensors(reader, config)
 
 
@@ -53,7 +54,8 @@ def _meta(reader: GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
     return field.contents()
 
 
-def config_from_gguf(reader: GGUFReader, default_name: str = "") -> ModelConfig:
+def config_from_gguf(reader: GGUFReader, name: str = "") -> ModelConfig:
+    """name: the served model name (the file's, proto/model_names.py); empty = GGUF's general.name."""
     arch = _meta(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
@@ -100,7 +102,7 @@ def config_from_gguf(reader: GGUFReader, default_name: str = "") -> ModelConfig:
         eos_token_ids=list(dict.fromkeys(eos_ids)),
         bos_token_id=None if bos is None else int(bos),
         torch_dtype="float32",  # the dequantised weights; the caller picks the compute dtype
-        model_name=_meta(reader, "general.name", default_name),
+        model_name=name or _meta(reader, "general.name", ""),
     )
 
 

@@ -1,6 +1,6 @@
 """The KV cache tensor: its size for a memory budget, its allocation, and binding it to the layers.
 
-One tensor `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]` (DESIGN.md,
+One tensor `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]` (docs/design.md,
 "Memory"); each Attention module gets views of its layer's K and V. Under tensor
 parallelism a rank holds only its own kv heads (one replicated head when the model has
 fewer KV heads than ranks).

@@ -215,8 +215,11 @@ class ModelRunner:
         )
 
     def reset(self) -> None:
-        """Forget every sequence: a new control-plane stream starts from an empty batch."""
+        """Forget every sequence and every block's contents: a new step session starts from an empty batch and
+        a zeroed KV cache, so it can read only KV it wrote itself (a claim of cached tokens it never wrote reads
+        zeros, not another session's prompt). A few ms on a GPU, per session, not per step."""
         self.batch.reset()
+        self.kv_cache.zero_()
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.launch(plan).result()

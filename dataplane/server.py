@@ -1,12 +1,13 @@
 """The DataPlane gRPC service: a thin servicer over ModelRunner, plus health, reflection and shm sessions.
 
 Step is a bidi stream: one StepResult per StepPlan, in order, run by dataplane/step_loop.py.
-Opening a stream resets the batch, and only one control plane may hold a step session
-(this stream or a shared-memory session, dataplane/shm_server.py) at a time.
+Only one control plane holds a step session (this stream or a shared-memory session,
+dataplane/shm_server.py) at a time; opening one fences the older and starts from a clean
+batch and KV cache (dataplane/sessions.py). Every DataPlane RPC needs the data plane's
+credential (dataplane/security.py).
 """
 from __future__ import annotations
 
-import threading
 from concurrent import futures
 
 import grpc
@@ -15,8 +16,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dataplane.runner import ModelRunner
+from dataplane.security import DataPlaneToken, TokenAuthInterceptor, resolve_token
+from dataplane.sessions import BUSY, SessionFenced, StepSessions
 from dataplane.shm_server import ShmSessionServer
-from dataplane.step_loop import BUSY, SESSION_WAIT_S, PlanRejected, QueuedPlanSource, run_steps
+from dataplane.step_loop import PlanRejected, QueuedPlanSource, run_steps
 from proto.nanoplane.v1 import dataplane_pb2, dataplane_pb2_grpc
 from proto.step import decode_plan, encode_result
 from proto.transport import server_options
@@ -28,10 +31,9 @@ MAX_MESSAGE_BYTES = 256 * 2**20
 
 
 class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServicer):
-    def __init__(self, runner: ModelRunner, session_lock: threading.Lock | None = None,
-                 shm: ShmSessionServer | None = None):
+    def __init__(self, runner: ModelRunner, sessions: StepSessions, shm: ShmSessionServer | None = None):
         self.runner = runner
-        self.session_lock = session_lock or threading.Lock()
+        self.sessions = sessions
         self.shm = shm
 
     def Describe(self, request, context):
@@ -45,29 +47,30 @@ class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServicer):
             device=f.device, attention_backend=f.attention_backend, kv_bytes_per_token=f.kv_bytes_per_token, **shm)
 
     def Step(self, request_iterator, context):
-        if not self.session_lock.acquire(timeout=SESSION_WAIT_S):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, BUSY)
+        source = QueuedPlanSource(request_iterator, decode_plan, lambda pb: pb.step_id)
+        epoch = self.sessions.open(source.fence, "grpc")
+        if epoch is None:
+            context.abort(grpc.StatusCode.ABORTED, BUSY)
         try:
-            self.runner.reset()
-            log.info("control plane connected", peer=context.peer(), transport="grpc")
-            source = QueuedPlanSource(request_iterator, decode_plan, lambda pb: pb.step_id)
+            log.info("control plane connected", peer=context.peer(), transport="grpc", epoch=epoch)
             try:
                 for result in run_steps(self.runner, source):
                     yield encode_result(result, dataplane_pb2.StepResult)
             except PlanRejected as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except SessionFenced as e:
+                context.abort(grpc.StatusCode.ABORTED, str(e))
             log.info("control plane disconnected", peer=context.peer())
         finally:
-            self.runner.reset()
-            self.session_lock.release()
+            self.sessions.close(epoch)
 
 
 class DataPlaneServer:
     """The gRPC server and the shared-memory session server, started and stopped together (a grpc.Server
     otherwise: other attributes pass through)."""
 
-    def __init__(self, grpc_server: grpc.Server, shm: ShmSessionServer | None):
-        self.grpc_server, self.shm = grpc_server, shm
+    def __init__(self, grpc_server: grpc.Server, shm: ShmSessionServer | None, token: DataPlaneToken):
+        self.grpc_server, self.shm, self.token = grpc_server, shm, token
 
     def start(self) -> None:
         self.grpc_server.start()
@@ -77,6 +80,7 @@ class DataPlaneServer:
     def stop(self, grace: float | None):
         if self.shm is not None:
             self.shm.stop()
+        self.token.close()
         return self.grpc_server.stop(grace)
 
     def __getattr__(self, name):
@@ -84,26 +88,33 @@ class DataPlaneServer:
 
 
 def build_server(runner: ModelRunner, host: str, port: int, credentials: grpc.ServerCredentials | None = None,
-                 options: list[tuple[str, int]] | None = None,
-                 shm_socket: str = "auto") -> tuple[DataPlaneServer, int, health.HealthServicer]:
+                 options: list[tuple[str, int]] | None = None, shm_socket: str = "auto", auth_token_file: str = "auto",
+                 without_token: bool = False) -> tuple[DataPlaneServer, int, health.HealthServicer]:
     """credentials None = plaintext; options (dataplane.security.grpc_server_options) default to the defaults' sizes;
-    shm_socket: the Unix socket of shared-memory sessions ("auto" = a private temporary one, "off" = none)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+    shm_socket: the Unix socket of shared-memory sessions ("auto" = a private temporary one, "off" = none);
+    auth_token_file and without_token: the credential (dataplane.security.resolve_token; "auto" on loopback
+    writes a per-launch token where a control plane on this host finds it)."""
+    auth = TokenAuthInterceptor()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[auth],
                          options=options if options is not None else server_options(MAX_MESSAGE_BYTES, 10.0, 5.0))
-    session_lock = threading.Lock()
-    shm = ShmSessionServer(runner, session_lock, shm_socket) if shm_socket != "off" else None
-    dataplane_pb2_grpc.add_DataPlaneServicer_to_server(DataPlaneServicer(runner, session_lock, shm), server)
+    sessions = StepSessions(runner)
+    shm = ShmSessionServer(runner, sessions, shm_socket) if shm_socket != "off" else None
+    dataplane_pb2_grpc.add_DataPlaneServicer_to_server(DataPlaneServicer(runner, sessions, shm), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     try:
         bound = listen(server, f"{host}:{port}", credentials)
-    except RuntimeError:
+        token = resolve_token(auth_token_file, host, bound, without_token)
+    except (RuntimeError, OSError) as e:
         if shm is not None:
             shm.stop()
-        raise
-    return DataPlaneServer(server, shm), bound, health_servicer
+        raise RuntimeError(str(e)) from e
+    auth.set_token(token.token)
+    if shm is not None:
+        shm.token = token.token
+    return DataPlaneServer(server, shm, token), bound, health_servicer
 
 
 def listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:

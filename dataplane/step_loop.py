@@ -28,6 +28,7 @@ from typing import Iterator, Protocol
 import structlog
 
 from dataplane.batch_state import PlanError
+from dataplane.sessions import SessionFenced
 from proto.step import StepPlan, StepResult
 
 log = structlog.get_logger("dataplane.step_loop")
@@ -35,9 +36,7 @@ log = structlog.get_logger("dataplane.step_loop")
 MAX_IN_FLIGHT = 2
 POLL_S = 20e-6  # between polls for the next plan while a step runs (Linux sleeps ~60-80 µs at least)
 END = object()  # what a PlanSource returns when the control plane ended the session
-SESSION_WAIT_S = 2.0  # a control plane that reconnects may come before its old session has ended
-BUSY = ("another control plane holds the step session of this data plane; "
-        "a data plane serves one control plane at a time")
+_WAKE = object()
 
 
 class PlanRejected(Exception):
@@ -49,7 +48,8 @@ class PlanRejected(Exception):
 class PlanSource(Protocol):
     def next_plan(self, block: bool) -> StepPlan | object | None:
         """The next plan; END when the session is over; None when block is False and none has arrived.
-        Raises PlanRejected for a message that does not decode to a consistent plan."""
+        Raises PlanRejected for a message that does not decode to a consistent plan, SessionFenced once a
+        newer session fenced this one (dataplane/sessions.py)."""
 
 
 class _Done:
@@ -114,6 +114,9 @@ def run_steps(runner, source: PlanSource) -> Iterator[StepResult]:
         log.error("rejected step plan", step_id=e.step_id, error=str(e))
         _drain(in_flight)
         raise
+    except SessionFenced:
+        _drain(in_flight)
+        raise
     finally:
         _drain(in_flight)  # a transport that stopped taking results (peer gone) leaves steps in flight
 
@@ -147,6 +150,7 @@ class QueuedPlanSource:
 
     def __init__(self, messages, decode, step_id_of):
         self._queue: queue.Queue = queue.Queue()
+        self._fenced = ""
         self._thread = threading.Thread(target=self._read, args=(messages, decode, step_id_of),
                                         name="plan-reader", daemon=True)
         self._thread.start()
@@ -164,11 +168,19 @@ class QueuedPlanSource:
         finally:
             self._queue.put(END)
 
+    def fence(self, message: str) -> None:
+        self._fenced = message
+        self._queue.put(_WAKE)
+
     def next_plan(self, block: bool):
+        if self._fenced:
+            raise SessionFenced(self._fenced)
         try:
             item = self._queue.get(block=block)
         except queue.Empty:
             return None
+        if item is _WAKE:
+            raise SessionFenced(self._fenced)
         if isinstance(item, PlanRejected):
             raise item
         if item is END:

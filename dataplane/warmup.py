@@ -20,7 +20,8 @@ import time
 import numpy as np
 import structlog
 
-from proto.step import RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
+from proto.sampling_schema import DATAPLANE_OPTIONS, column_values
+from proto.step import PLAN_ARRAYS, RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
 
 log = structlog.get_logger("dataplane.warmup")
 
@@ -41,19 +42,18 @@ def warm_up_plans(block_size: int, vocab_size: int) -> list[StepPlan]:
 
     def new(slots: list[int], temperature: list[float], top_p: list[float]) -> dict:
         k = len(slots)
-        i32 = lambda v: np.full(k, v, np.int32)  # noqa: E731
-        f32 = lambda v: np.full(k, v, np.float32)  # noqa: E731
+        given = {"temperature": temperature, "top_p": top_p}  # the other options at their defaults
+        sampling = {column.field: np.array(column_values(given.get(option.name, [option.default] * k), column),
+                                           PLAN_ARRAYS[column.field])
+                    for option in DATAPLANE_OPTIONS for column in option.columns}
         block_slots = np.concatenate([np.full(_blocks(lens[s], block_size), s, np.int32) for s in slots])
         block_indices = np.concatenate([np.arange(_blocks(lens[s], block_size), dtype=np.int32) for s in slots])
         block_ids = np.concatenate([np.arange(first_block[s], first_block[s + 1], dtype=np.int32) for s in slots])
         return dict(
-            new_slots=np.array(slots, np.int32), new_num_cached_tokens=i32(0),
-            new_temperature=np.array(temperature, np.float32), new_top_p=np.array(top_p, np.float32),
-            new_top_k=i32(-1), new_seed=np.zeros(k, np.int64), new_has_seed=np.zeros(k, bool),
-            new_num_prompt_tokens=np.array([PROMPT_LENS[s] for s in slots], np.int32), new_min_p=f32(0),
-            new_repetition_penalty=f32(1), new_presence_penalty=f32(0), new_frequency_penalty=f32(0),
-            new_min_tokens=i32(0), new_num_logprobs=i32(-1), new_num_prompt_logprobs=i32(-1),
-            new_num_stop_ids=i32(0), block_slots=block_slots, block_indices=block_indices, block_ids=block_ids)
+            new_slots=np.array(slots, np.int32), new_num_cached_tokens=np.zeros(k, np.int32),
+            new_num_prompt_tokens=np.array([PROMPT_LENS[s] for s in slots], np.int32), **sampling,
+            new_num_stop_ids=np.zeros(k, np.int32), block_slots=block_slots, block_indices=block_indices,
+            block_ids=block_ids)
 
     def prompt(slot: int) -> np.ndarray:
         return rng.integers(0, vocab_size, PROMPT_LENS[slot]).astype(np.int32)

@@ -8,13 +8,13 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proto proto
 COPY controlplane controlplane
-COPY dataplane dataplane
 COPY client client
-# The package without its dependencies, then only what the control plane imports: torch stays out.
-RUN pip install --no-deps . \
- && pip install "grpcio>=1.66" "grpcio-reflection>=1.66" "grpcio-health-checking>=1.66" "protobuf>=5.29" \
-        "numpy>=1.26" "xxhash>=3.4" "structlog>=24.1" "transformers>=4.51" "tokenizers>=0.20" "gguf>=0.10" \
- && pip install --no-deps "xgrammar>=0.2.9" && pip install "apache-tvm-ffi>=0.1.11" "pydantic>=2"
+COPY gateway gateway
+COPY nanoplane nanoplane
+# The base package is the control plane's: no torch, no data-plane code. Structured output's xgrammar
+# without its declared torch dependency (the control plane imports only its torch-free parts).
+RUN pip install . \
+ && pip install --no-deps "xgrammar>=0.2.9" && pip install "apache-tvm-ffi>=0.1.11" "pydantic>=2.6"
 
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin nanoplane
 USER 10001

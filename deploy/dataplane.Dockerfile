@@ -17,15 +17,16 @@ RUN pip install torch --index-url "$TORCH_INDEX_URL"
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proto proto
-COPY controlplane controlplane
 COPY dataplane dataplane
-COPY client client
-RUN pip install . "triton>=3.0"
+COPY nanoplane nanoplane
+RUN pip install ".[gpu]"
 
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin nanoplane
 USER 10001
 
-# Every flag is also an environment variable (nanoplane dataplane --help).
+# Every flag is also an environment variable (nanoplane dataplane --help). On 0.0.0.0 the data plane
+# needs a credential: NANOPLANE_DP_TLS_* with a client CA (mutual TLS), or NANOPLANE_DP_AUTH_TOKEN_FILE;
+# without either it refuses to start (--insecure serves anyone who reaches the port).
 ENV NANOPLANE_DP_HOST=0.0.0.0 \
     NANOPLANE_DP_PORT=50061 \
     NANOPLANE_DP_HEALTH_PORT=50062 \

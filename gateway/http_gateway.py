@@ -1,258 +1,278 @@
-"""OpenAIGateway: OpenAI-compatible HTTP (/v1/models, /v1/completions, /v1/chat/completions) over the gRPC API.
+"""The OpenAI-compatible HTTP gateway: a FastAPI app served by uvicorn in front of the public gRPC API.
 
-A thin client of nanoplane.v1.Generation (through AsyncClient), served by the small
-asyncio HTTP server of http_server.py: openai_protocol.py parses a body into a
-GenerationJob, each of its prompts becomes one Generate call (asking the server for the
-job's n samples), and openai_responses.py shapes the replies as OpenAI's (JSON, or
-server-sent events ending in `data: [DONE]`). gRPC errors keep the server's message:
-INVALID_ARGUMENT -> 400, UNAUTHENTICATED -> 401, UNAVAILABLE -> 503. The caller's
-Authorization header is forwarded (forwarded_auth.py). `nanoplane gateway` and
-`nanoplane serve --http-port` start it (gateway_main.py).
+Routes: /v1/models, /v1/models/{model}, /v1/completions, /v1/chat/completions (what
+openai_service.py does), the probes /health (liveness: this process answers) and /ready
+(readiness: the control plane's grpc.health.v1 says SERVING), and FastAPI's OpenAPI
+schema at /openapi.json with its pages at /docs. Bodies are checked against the pydantic
+models of openai_models.py. Every error has OpenAI's shape
+(`{"error": {"message", "type", "param", "code"}}`): a body that does not fit its model
+is a 400 naming the field, not FastAPI's 422; gRPC errors keep the server's message
+(INVALID_ARGUMENT -> 400, UNAUTHENTICATED -> 401, UNAVAILABLE -> 503).
+
+The gateway holds no key: the Authorization header of a /v1 call is passed on to the gRPC
+API (forwarded_auth.py), whose --auth-token-file decides; the probes and the schema call
+nothing that needs one. `nanoplane gateway` and `nanoplane serve --http-port` start it (main.py).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import time
-import uuid
+import socket
 from dataclasses import dataclass
-from typing import AsyncIterator
-from urllib.parse import unquote
 
 import structlog
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPBearer
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from client import AsyncClient, NanoplaneError
-from client.sync_client import CHANNEL_OPTIONS
-from client.types import GenerationDelta, GenerationResult, ModelInfo, results_by_index
-from gateway.forwarded_auth import forwarded_authorization, forwarding_channel, is_valid_header_value
-from gateway.http_server import EventStream, HttpRequest, HttpResponse, HttpServer
-from gateway.openai_protocol import GenerationJob, OpenAIError, error_of, parse_chat_request, \
-    parse_completion_request
-from gateway.openai_responses import chat_delta_choice, chunk, completion_choice, full_body, sse, usage_of
+from client import NanoplaneError
+from gateway.config import GatewayConfig, comma_list
+from gateway.forwarded_auth import forwarded_authorization, is_valid_header_value
+from gateway.openai_models import SHAPES, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion, \
+    CompletionRequest, ErrorResponse, ModelCard, ModelList, Status
+from gateway.openai_protocol import OpenAIError, error_of, parse_chat_request, parse_completion_request
+from gateway.openai_service import OpenAIService
 
 log = structlog.get_logger("gateway.http_gateway")
 
-DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)}
 
 
-def json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> HttpResponse:
-    return HttpResponse(status, json.dumps(body, ensure_ascii=False).encode(), headers=headers or {})
+def error_response(error: OpenAIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-def error_response(status: int, message: str) -> HttpResponse:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    return json_response(status, OpenAIError(status, message, type=kind).body())
+def _path(loc: tuple) -> str:
+    """("messages", 0, "role") -> "messages[0].role"."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
 
 
-def parse_json_body(body: bytes) -> dict:
-    if not body:
-        raise OpenAIError(400, "the request body is empty; send a JSON object")
-    try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise OpenAIError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise OpenAIError(400, "the request body must be a JSON object")
-    return value
+def validation_error(errors: list[dict]) -> OpenAIError:
+    """pydantic's complaints about a body as OpenAI's 400, naming the (top-level) field as its param."""
+    first = errors[0]
+    loc = tuple(first["loc"][1:]) if first["loc"][:1] == ("body",) else tuple(first["loc"])
+    if first["type"] == "json_invalid":
+        return OpenAIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
+    if not loc:
+        if first["type"] == "missing":
+            return OpenAIError(400, "the request body is empty; send a JSON object")
+        return OpenAIError(400, "the request body must be a JSON object (with Content-Type: application/json)")
+    # a field of several shapes fails once per shape, each error's loc naming the shape: say what would fit
+    shaped = next((i for i, part in enumerate(loc) if part in SHAPES), None)
+    if shaped is not None and len(loc) > shaped + 1:
+        return OpenAIError(400, f"{_path(loc[:shaped + 1])}: must be {SHAPES[loc[shaped]]}", param=str(loc[0]))
+    message = "is required" if first["type"] == "missing" else first["msg"]
+    return OpenAIError(400, f"{_path(loc)}: {message}", param=str(loc[0]))
 
 
-async def merge(streams: list[tuple[int, AsyncIterator[GenerationDelta]]]
-                ) -> AsyncIterator[tuple[int, GenerationDelta]]:
-    """Deltas of several streams as they come, tagged with their stream's number; the first error is raised."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(number: int, stream: AsyncIterator[GenerationDelta]) -> None:
-        try:
-            async for delta in stream:
-                queue.put_nowait((number, delta, None))
-        except Exception as e:
-            queue.put_nowait((number, None, e))
-        else:
-            queue.put_nowait((number, None, None))
-
-    tasks = [asyncio.create_task(pump(number, stream)) for number, stream in streams]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            number, delta, error = await queue.get()
-            if error is not None:
-                raise error
-            if delta is None:
-                remaining -= 1
-            else:
-                yield number, delta
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+def body_too_large(max_body_bytes: int) -> OpenAIError:
+    return OpenAIError(413, f"the request body is larger than the limit of {max_body_bytes} bytes (--max-body-bytes)",
+                       code="body_too_large")
 
 
-async def gather_or_cancel(aws) -> list:
-    """asyncio.gather that cancels the rest when one fails (and waits until they are gone)."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+def http_error(request: Request, e: HTTPException) -> OpenAIError:
+    if e.status_code == 404:
+        return OpenAIError(404, f"no route for {request.method} {request.url.path}", code="not_found")
+    if e.status_code == 405:
+        allowed = (e.headers or {}).get("Allow", "")
+        return OpenAIError(405, f"{request.url.path} takes {allowed}, not {request.method}",
+                           code="method_not_allowed")
+    if e.status_code == 413:
+        return body_too_large(request.app.state.max_body_bytes)
+    kind = "server_error" if e.status_code >= 500 else "invalid_request_error"
+    return OpenAIError(e.status_code, str(e.detail), type=kind)
 
 
-async def _first(stream: AsyncIterator[GenerationDelta]) -> GenerationDelta | None:
-    return await anext(stream, None)
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, e: OpenAIError):
+        return error_response(e)
+
+    @app.exception_handler(NanoplaneError)
+    async def grpc_error(request: Request, e: NanoplaneError):
+        return error_response(error_of(e, chat=request.url.path.rstrip("/").endswith("/chat/completions")))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, e: RequestValidationError):
+        return error_response(validation_error(list(e.errors())))
+
+    @app.exception_handler(HTTPException)
+    async def framing_error(request: Request, e: HTTPException):
+        return error_response(http_error(request, e), headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.exception("HTTP handler failed", method=request.method, path=request.url.path)
+        return error_response(OpenAIError(500, "internal error; see the gateway's log", type="server_error"))
 
 
-async def _collect(stream: AsyncIterator[GenerationDelta]) -> list[GenerationResult]:
-    return results_by_index([delta async for delta in stream])
+bearer = HTTPBearer(auto_error=False, description="the API key: passed on to the gRPC API, which checks it when its "
+                                                  "--auth-token-file is set")
 
 
-class OpenAIGateway:
-    def __init__(self, target: str, root_certificates: bytes | None = None):
-        # made on the serving loop: a grpc.aio channel belongs to the loop it is made on
-        self.client = AsyncClient(target, channel=forwarding_channel(target, CHANNEL_OPTIONS, root_certificates))
-        self.created = int(time.time())
+async def forward_authorization(request: Request, _=Depends(bearer)) -> None:
+    """Hands the caller's Authorization header to the gRPC calls of this request (forwarded_auth.py)."""
+    value = request.headers.get("authorization")
+    if value is not None and not is_valid_header_value(value):
+        raise OpenAIError(400, "the Authorization header must be printable ASCII", code="invalid_header")
+    forwarded_authorization.set(value)
 
-    async def close(self) -> None:
-        await self.client.close()
 
-    async def handle(self, request: HttpRequest) -> HttpResponse | EventStream:
-        routes = {"/v1/completions": ("POST", self.completions), "/v1/chat/completions": ("POST", self.chat),
-                  "/v1/models": ("GET", self.models), "/health": ("GET", self.health)}
-        path = request.path.rstrip("/") or "/"
-        method, route = routes.get(path, (None, None))
-        if path.startswith("/v1/models/"):
-            method, route = "GET", self.model
-        try:
-            if route is None:
-                raise OpenAIError(404, f"no route for {request.method} {request.path}", code="not_found")
-            if request.method != method:
-                return json_response(405, OpenAIError(405, f"{request.path} takes {method}, not {request.method}",
-                                                      code="method_not_allowed").body(), {"Allow": method})
-            authorization = request.headers.get("authorization")
-            if authorization is not None and not is_valid_header_value(authorization):
-                raise OpenAIError(400, "the Authorization header must be printable ASCII", code="invalid_header")
-            forwarded_authorization.set(authorization)
-            return await route(request)
-        except OpenAIError as e:
-            return json_response(e.status, e.body())
-        except NanoplaneError as e:
-            error = error_of(e, chat=path == "/v1/chat/completions")
-            return json_response(error.status, error.body())
+class EventStream(StreamingResponse):
+    media_type = "text/event-stream"
 
-    async def _model_name(self, requested: str | None) -> str:
-        # asked each time, not cached: with auth on, the call checks this caller's token
-        name = (await self.client.model_info()).model_name
-        if requested is not None and requested != name:
-            raise OpenAIError(404, f"The model `{requested}` does not exist; this server serves `{name}`.",
-                              param="model", code="model_not_found")
-        return name
+    def __init__(self, events):
+        super().__init__(events, headers={"Cache-Control": "no-cache"})
 
-    def _model_card(self, info: ModelInfo) -> dict:
-        return {"id": info.model_name, "object": "model", "created": self.created, "owned_by": "nanoplane",
-                "root": info.model_name, "max_model_len": info.max_model_len}
+    async def __call__(self, scope, receive, send):
+        # however the response ends (done, client gone), the events' finally cancels their gRPC calls now
+        async with contextlib.aclosing(self.body_iterator):
+            await super().__call__(scope, receive, send)
 
-    async def models(self, request: HttpRequest) -> HttpResponse:
-        return json_response(200, {"object": "list", "data": [self._model_card(await self.client.model_info())]})
 
-    async def model(self, request: HttpRequest) -> HttpResponse:
-        await self._model_name(unquote(request.path.rstrip("/")[len("/v1/models/"):]))
-        return json_response(200, self._model_card(await self.client.model_info()))
+def _v1_router(service: OpenAIService) -> APIRouter:
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(forward_authorization)], responses=ERROR_RESPONSES)
 
-    async def health(self, request: HttpRequest) -> HttpResponse:
-        await self.client.model_info()  # UNAVAILABLE -> 503
-        return json_response(200, {"status": "ok"})
+    async def respond(job):
+        body = await service.generate(job)
+        return body if isinstance(body, dict) else EventStream(body)
 
-    async def completions(self, request: HttpRequest) -> HttpResponse | EventStream:
-        return await self._generate(parse_completion_request(parse_json_body(request.body)))
+    @v1.get("/models", response_model=ModelList)
+    async def models():
+        return await service.models()
 
-    async def chat(self, request: HttpRequest) -> HttpResponse | EventStream:
-        return await self._generate(parse_chat_request(parse_json_body(request.body)))
+    @v1.get("/models/{model:path}", response_model=ModelCard)
+    async def model(model: str):
+        return await service.model(model)
 
-    async def _generate(self, job: GenerationJob) -> HttpResponse | EventStream:
-        model = await self._model_name(job.model)
-        request_id = f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        streams = [self.client.generate_stream(None if job.chat else prompt, job.params,
-                                               messages=prompt if job.chat else None, request_id=f"{request_id}-{p}")
-                   for p, prompt in enumerate(job.prompts)]
-        if not job.stream:
-            results = [r for samples in await gather_or_cancel(_collect(s) for s in streams) for r in samples]
-            return json_response(200, full_body(request_id, created, model, results, job.n, chat=job.chat,
-                                                with_logprobs=job.logprobs))
-        try:
-            # wait for every prompt's first delta, so that a rejected request gets its 4xx, not a 200 stream
-            firsts = await gather_or_cancel(_first(s) for s in streams)
-        except BaseException:
-            for s in streams:
-                await s.aclose()
-            raise
-        return EventStream(self._events(job, request_id, created, model, streams, firsts))
+    @v1.post("/completions", response_model=Completion,
+             responses={200: {"description": "the completion; with stream: true, server-sent events of "
+                                             "Completion chunks ending in `data: [DONE]`",
+                              "content": {"text/event-stream": {}}}})
+    async def completions(body: CompletionRequest):
+        return await respond(parse_completion_request(body.model_dump(exclude_unset=True)))
 
-    async def _events(self, job: GenerationJob, request_id: str, created: int, model: str, streams: list,
-                      firsts: list) -> AsyncIterator[bytes]:
-        results = [GenerationResult() for _ in range(len(streams) * job.n)]  # choice p * n + sample index
+    @v1.post("/chat/completions", response_model=ChatCompletion,
+             responses={200: {"description": "the chat completion; with stream: true, server-sent events of "
+                                             "ChatCompletionChunk ending in `data: [DONE]`",
+                              "content": {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema(
+                                  ref_template="#/components/schemas/{model}")}}}})
+    async def chat(body: ChatCompletionRequest):
+        return await respond(parse_chat_request(body.model_dump(exclude_unset=True)))
 
-        def event(choices: list[dict], usage: dict | None = None) -> bytes:
-            return sse(chunk(request_id, created, model, chat=job.chat, choices=choices, usage=usage,
-                             include_usage=job.include_usage))
+    return v1
 
-        def events_of(prompt_number: int, delta: GenerationDelta) -> list[bytes]:
-            index = prompt_number * job.n + delta.index
-            results[index].add(delta)
-            logprobs = delta.logprobs if job.logprobs else None
-            if not job.chat:
-                if not delta.text and not delta.finish_reason and not logprobs:
-                    return []
-                return [event([completion_choice(index, delta.text, delta.finish_reason, logprobs)])]
-            out = []
-            if delta.text or logprobs:
-                out.append(event([chat_delta_choice(index, {"content": delta.text}, None, logprobs)]))
-            if delta.finish_reason:
-                out.append(event([chat_delta_choice(index, {}, delta.finish_reason)]))
-            return out
 
-        try:
-            if job.chat:
-                for index in range(len(results)):
-                    yield event([chat_delta_choice(index, {"role": "assistant", "content": ""}, None)])
-            for number, delta in enumerate(firsts):
-                for data in events_of(number, delta) if delta is not None else ():
-                    yield data
-            live = [(number, s) for number, s in enumerate(streams) if firsts[number] is not None]
-            async with contextlib.aclosing(merge(live)) as deltas:
-                async for number, delta in deltas:
-                    for data in events_of(number, delta):
-                        yield data
-            if job.include_usage:
-                yield event([], usage_of(results, job.n))
-        except NanoplaneError as e:  # the stream has begun: the error goes in it, as OpenAI's does
-            log.warning("generation failed mid-stream", request_id=request_id, error=str(e))
-            yield sse(error_of(e, chat=job.chat).body())
-        finally:
-            for s in streams:
-                await s.aclose()
-        yield sse("[DONE]")
+def build_app(service: OpenAIService, config: GatewayConfig) -> FastAPI:
+    app = FastAPI(title="nanoplane OpenAI-compatible API", version="1", max_body_size=config.max_body_bytes,
+                  strict_content_type=False,
+                  description="OpenAI's completions and chat completions, served by nanoplane; errors in OpenAI's "
+                              "shape; the API key is passed on to the gRPC API.")
+    app.state.max_body_bytes = config.max_body_bytes
+    add_error_handlers(app)
+    app.include_router(_v1_router(service))
+
+    @app.get("/health", response_model=Status, tags=["probes"])
+    async def health():
+        """Liveness: the gateway answers (needs no key, asks nothing of the control plane)."""
+        return {"status": "ok"}
+
+    @app.get("/ready", response_model=Status, tags=["probes"], responses={503: {"model": ErrorResponse}})
+    async def ready():
+        """Readiness: the control plane behind the gateway is SERVING (needs no key)."""
+        problem = await service.ready()
+        if problem is not None:
+            raise OpenAIError(503, problem, type="server_error", code="not_ready")
+        return {"status": "ready"}
+
+    return app
+
+
+class DeclaredBodyLimit:
+    """Refuses a body whose Content-Length is over the limit before reading it. FastAPI's max_body_size
+    counts every body as it comes (chunked ones too) and its 413 reaches our handler, but for a declared
+    length it sends its own plain-text one; this answers those first, in OpenAI's shape."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = Headers(scope=scope).get("content-length", "")
+            if length.isdigit() and int(length) > self.max_body_bytes:
+                return await error_response(body_too_large(self.max_body_bytes))(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def asgi_app(service: OpenAIService, config: GatewayConfig):
+    """The app as uvicorn serves it: CORS (when configured) outermost, so that every answer carries its headers."""
+    app = DeclaredBodyLimit(build_app(service, config), config.max_body_bytes)
+    origins = comma_list(config.cors_allowed_origins)
+    if not origins:
+        return app
+    return CORSMiddleware(app, allow_origins=origins, allow_methods=comma_list(config.cors_allowed_methods),
+                          allow_headers=comma_list(config.cors_allowed_headers),
+                          allow_credentials=config.cors_allow_credentials)
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # SIGTERM and SIGINT belong to the caller (main.py): it stops both planes in order
+        yield
 
 
 @dataclass
 class RunningGateway:
-    server: asyncio.Server
-    gateway: OpenAIGateway
+    server: uvicorn.Server
+    serving: asyncio.Task
+    service: OpenAIService
     port: int
 
-    async def stop(self) -> None:
-        self.server.close()
-        await self.gateway.close()
+    def stop_accepting(self) -> None:
+        """No new connections; requests in flight run on for up to --shutdown-grace-s."""
+        self.server.should_exit = True
+
+    async def stop(self, hurry: asyncio.Event | None = None) -> None:
+        """Stops accepting, waits for the requests in flight (at most the grace period; at once when `hurry`
+        is set), then closes the gRPC channel."""
+        self.stop_accepting()
+        hurried = asyncio.ensure_future(hurry.wait() if hurry is not None else asyncio.Event().wait())
+        await asyncio.wait({self.serving, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        if hurried.done():
+            self.server.force_exit = True
+        hurried.cancel()
+        await self.serving
+        await self.service.close()
 
 
-async def start_http_gateway(target: str, host: str = "127.0.0.1", port: int = 8000, *,
-                             max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                             root_certificates: bytes | None = None) -> RunningGateway:
-    """Serves the gateway on the running event loop, in front of the Generation API at `target`
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bound here rather than by uvicorn, so that a port in use is an OSError to the caller (uvicorn would exit)."""
+    return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
+async def start_http_gateway(config: GatewayConfig, root_certificates: bytes | None = None) -> RunningGateway:
+    """Serves the gateway on the running event loop, in front of the Generation API at config.target
     (over TLS verified against root_certificates, PEM, when given)."""
-    gateway = OpenAIGateway(target, root_certificates)
-    server = await HttpServer(gateway.handle, error_response, max_body_bytes).start(host, port)
-    port = server.sockets[0].getsockname()[1]
-    log.info("OpenAI-compatible HTTP gateway serving", address=f"http://{host}:{port}/v1", target=target)
-    return RunningGateway(server, gateway, port)
+    sock = listening_socket(config.host, config.http_port)
+    service = OpenAIService(config.target, root_certificates)
+    server = _Server(uvicorn.Config(asgi_app(service, config), lifespan="off", ws="none", log_config=None,
+                                    access_log=False, timeout_graceful_shutdown=config.shutdown_grace_s))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if serving.done():
+            await service.close()
+            serving.result()
+            raise RuntimeError("the HTTP server stopped while starting")
+        await asyncio.sleep(0.01)
+    port = sock.getsockname()[1]
+    log.info("OpenAI-compatible HTTP gateway serving", address=f"http://{config.host}:{port}/v1",
+             target=config.target)
+    return RunningGateway(server, serving, service, port)

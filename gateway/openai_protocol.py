@@ -4,9 +4,9 @@ A body becomes a plain GenerationJob (prompts, SamplingParams, streaming options
 an OpenAIError in OpenAI's error shape. Only types and shapes are checked here; the
 server checks the numbers against the model's limits, and its INVALID_ARGUMENT
 message comes back as a 400 naming the OpenAI parameter (`error_of`). vLLM's
-extra sampling fields (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids,
-ignore_eos, skip_special_tokens, include_stop_str_in_output) are accepted too, and
-response_format / vLLM's guided_* fields become structured output (structured_output.py).
+extra sampling fields are accepted too: stop_token_ids and every option that
+proto/sampling_schema.py marks `openai` (top_k, penalties, min_tokens, ...); response_format
+and vLLM's guided_* fields become structured_output (structured_output.py).
 """
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ import re
 from dataclasses import dataclass
 
 from client import NanoplaneError, SamplingParams
+from client.types import SAMPLING_OPTIONS, WIRE_RANGE
 from gateway.structured_output import StructuredOutputError, structured_output_of
 
+INT32_MAX = WIRE_RANGE["int32"][1]
+
 MAX_CHOICES = 128  # prompts x n of one HTTP request
-INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 UNSUPPORTED = {  # fields that would change the output, with the values that mean "off"
     "logit_bias": (None, {}), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
     "tools": (None, []), "functions": (None, []),
@@ -74,6 +76,14 @@ def _bool(body: dict, name: str) -> bool | None:
     if value is not None and not isinstance(value, bool):
         raise _bad(name, f"must be true or false, got {json.dumps(value)}")
     return value
+
+
+_OPENAI_READERS = {
+    "float": lambda body, option: _number(body, option.name),
+    "int32": lambda body, option: _int(body, option.name, *WIRE_RANGE["int32"]),
+    "int64": lambda body, option: _int(body, option.name, *WIRE_RANGE["int64"]),
+    "bool": lambda body, option: _bool(body, option.name),
+}
 
 
 def _is_token_id(value) -> bool:
@@ -159,16 +169,11 @@ def _sampling(body: dict, chat: bool, n: int) -> SamplingParams:
     stop_token_ids = body.get("stop_token_ids") or []
     if not isinstance(stop_token_ids, list) or not all(_is_token_id(t) for t in stop_token_ids):
         raise _bad("stop_token_ids", "must be a list of token ids")
-    return SamplingParams(
-        temperature=_number(body, "temperature"), top_p=_number(body, "top_p"),
-        top_k=_int(body, "top_k", -1, INT32_MAX), max_tokens=max_tokens, stop=_stop(body),
-        stop_token_ids=stop_token_ids, ignore_eos=bool(_bool(body, "ignore_eos")),
-        seed=_int(body, "seed", 0, INT64_MAX), min_p=_number(body, "min_p"),
-        repetition_penalty=_number(body, "repetition_penalty"), presence_penalty=_number(body, "presence_penalty"),
-        frequency_penalty=_number(body, "frequency_penalty"), logprobs=_logprobs(body, chat),
-        n=n if n > 1 else None, min_tokens=_int(body, "min_tokens", 0, INT32_MAX),
-        skip_special_tokens=_bool(body, "skip_special_tokens"),
-        include_stop_str_in_output=bool(_bool(body, "include_stop_str_in_output")))
+    # the fields OpenAI (or vLLM) names as we do: their types here, their limits at the server
+    same = {o.name: _OPENAI_READERS[o.wire](body, o) for o in SAMPLING_OPTIONS if o.openai}
+    same = {name: value for name, value in same.items() if value is not None}  # None: the default
+    return SamplingParams(**same, max_tokens=max_tokens, stop=_stop(body), stop_token_ids=stop_token_ids,
+                          logprobs=_logprobs(body, chat), n=n if n > 1 else None)
 
 
 def _job(body: dict, prompts: list, *, chat: bool) -> GenerationJob:

@@ -1,28 +1,33 @@
 """OpenAI's replies for the HTTP gateway: completion and chat bodies, stream chunks, logprobs, usage, SSE.
 
-Logprobs name tokens `token_id:N` (vLLM's return_tokens_as_token_ids format): the
-gateway holds no tokenizer and the gRPC API returns ids, not token strings.
+Logprobs name tokens by their text, which the gRPC API sends with each id (the gateway
+holds no tokenizer); `token_id:N` (vLLM's return_tokens_as_token_ids format) only when a
+server sends no text.
 """
 from __future__ import annotations
 
 import json
 
-from client.types import GenerationResult, PositionLogprobs
+from client.types import GenerationResult, PositionLogprobs, TokenLogprob
 
 
-def token_name(token_id: int) -> str:
-    return f"token_id:{token_id}"
+def token_name(token: TokenLogprob) -> str:
+    return token.token or f"token_id:{token.token_id}"
+
+
+def token_bytes(token: TokenLogprob) -> list[int] | None:
+    return list(token.token.encode()) if token.token else None
 
 
 def completion_logprobs(entries: list[PositionLogprobs]) -> dict:
-    return {"tokens": [token_name(e.token.token_id) for e in entries],
+    return {"tokens": [token_name(e.token) for e in entries],
             "token_logprobs": [e.token.logprob for e in entries],
-            "top_logprobs": [{token_name(t.token_id): t.logprob for t in e.top} for e in entries]}
+            "top_logprobs": [{token_name(t): t.logprob for t in e.top} for e in entries]}
 
 
 def chat_logprobs(entries: list[PositionLogprobs]) -> dict:
-    return {"content": [{"token": token_name(e.token.token_id), "logprob": e.token.logprob, "bytes": None,
-                         "top_logprobs": [{"token": token_name(t.token_id), "logprob": t.logprob, "bytes": None}
+    return {"content": [{"token": token_name(e.token), "logprob": e.token.logprob, "bytes": token_bytes(e.token),
+                         "top_logprobs": [{"token": token_name(t), "logprob": t.logprob, "bytes": token_bytes(t)}
                                           for t in e.top]} for e in entries]}
 
 

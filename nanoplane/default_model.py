@@ -18,3 +18,12 @@ def default_model_path() -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing; reinstall with `{INSTALL_HINT}`")
     return path
+
+
+def local_models() -> dict[str, str]:
+    """File name -> path of the models this host has without a --model: the embedded default, if installed.
+    A control plane whose data plane runs elsewhere finds its tokenizer here (controlplane.main.tokenizer_path)."""
+    try:
+        return {DEFAULT_MODEL_FILE: default_model_path()}
+    except FileNotFoundError:
+        return {}

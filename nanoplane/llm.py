@@ -8,9 +8,10 @@
 data plane as a child process, the control plane on a thread of this process);
 `LLM(target="host:port")` uses a running control plane instead. Either way requests go
 through the public gRPC API with AsyncClient, all of a batch at once, so the scheduler
-batches them; the planes talk gRPC over loopback (the shared-memory transport is not
-built yet). Text prompts and chat conversations are tokenised first (the Tokenize RPC)
-so that the progress bar can count prefill tokens as they are done.
+batches them; the planes exchange steps over shared memory (the control plane's default
+transport "auto" picks it for a data plane on this host). Text prompts and chat
+conversations are tokenised first (the Tokenize RPC) so that the progress bar can count
+prefill tokens as they are done.
 """
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """LocalPlanes: both planes on this host for the offline LLM and the serving benchmark.
 
 The data plane runs as a child process (`python -m dataplane --port 0 --ready-file F`,
-as `nanoplane serve` starts it); the control plane runs in this process, on the
-caller's EventLoopThread, through `controlplane.main.start_control_plane`. The planes
-talk gRPC over loopback: the shared-memory transport of DESIGN.md is not built yet.
+as `nanoplane serve` starts it, with a per-launch token file that only this user can read);
+the control plane runs in this process, on the caller's EventLoopThread, through
+`controlplane.main.start_control_plane`, and presents that token. The planes find each
+other over gRPC on loopback; with the default `transport="auto"` the steps then travel
+over the shared-memory rings (proto/shm_channel.py), as the child is on this host.
 
 Cleanup is certain: `close()`, garbage collection and interpreter exit (weakref.finalize)
 all stop the control plane and terminate the child, so no orphan process is left.
@@ -17,7 +19,7 @@ import sys
 import tempfile
 import time
 import weakref
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from client.loop_thread import EventLoopThread
@@ -97,6 +99,7 @@ class LocalPlanes:
 
     def __init__(self, model: str | None, loop: EventLoopThread, *, startup_timeout_s: float = 600.0, **options):
         from controlplane.config import ControlPlaneConfig
+        from nanoplane.cli import per_launch_token_file
         from nanoplane.default_model import default_model_path
         from dataplane.config import SERVE_CHILD_OVERRIDES, DataPlaneConfig
 
@@ -106,12 +109,14 @@ class LocalPlanes:
             raise FileNotFoundError(f"model {model!r} does not exist; give a Hugging Face folder or a .gguf file")
         dp_config = DataPlaneConfig(model=model, **dp_options, **SERVE_CHILD_OVERRIDES)
         dp_config.validate()
-        self._resources = _Resources(loop, tempfile.mkdtemp(prefix="nanoplane-llm-"))
+        self._resources = _Resources(loop, tempfile.mkdtemp(prefix="nanoplane-llm-"))  # 0700
         self._finalizer = weakref.finalize(self, self._resources.release)
         self.log_path = os.path.join(self._resources.tmpdir, "dataplane.log")
         try:
-            port = self._start_dataplane(dp_config, startup_timeout_s)
-            cp_config = ControlPlaneConfig(host="127.0.0.1", port=0, dataplane=f"127.0.0.1:{port}", **cp_options)
+            token_file = per_launch_token_file(self._resources.tmpdir)
+            port = self._start_dataplane(replace(dp_config, auth_token_file=token_file), startup_timeout_s)
+            cp_config = ControlPlaneConfig(host="127.0.0.1", port=0, dataplane=f"127.0.0.1:{port}",
+                                           dataplane_token_file=token_file, **cp_options)
             cp_config.validate()
             self._resources.control_plane = loop.run(self._start_control_plane(cp_config), startup_timeout_s)
         except BaseException:

@@ -11,4 +11,4 @@ PY=${PROTOC_PYTHON:-python3}
   exit 1
 }
 "$PY" -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. \
-  proto/nanoplane/v1/generation.proto proto/nanoplane/v1/dataplane.proto
+  proto/nanoplane/v1/generation.proto proto/nanoplane/v1/dataplane.proto proto/nanoplane/v1/admin.proto

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import MISSING, fields
 
 
@@ -49,3 +50,9 @@ def config_from_args(config_cls, args: argparse.Namespace, **overrides):
 
 def describe_config(config) -> dict:
     return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+def usage_error(prog: str, message: str) -> int:
+    """A mistake in the flags: one line on stderr, exit code 2 (argparse's), no usage block of every option."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2

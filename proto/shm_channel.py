@@ -111,6 +111,7 @@ class ShmChannel:
         self._poller = select.poll()
         self._poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
         self.closed = False
+        self.interrupted = ""  # interrupt(): a receive() that waits raises PeerGone with this
 
     # --- sending -----------------------------------------------------------------
     def send(self, parts) -> None:
@@ -193,6 +194,9 @@ class ShmChannel:
                 break
             if self.closed:
                 raise PeerGone("the session was closed at this end")
+            if self.interrupted:
+                self._in[_SLEEPING] = 0
+                raise PeerGone(self.interrupted)
             if self._poller.poll(POLL_S * 1000):
                 try:
                     if self.sock.recv(4096) == b"":
@@ -202,6 +206,11 @@ class ShmChannel:
                 except OSError as e:
                     raise PeerGone(f"the session broke: {e}") from e
         self._in[_SLEEPING] = 0
+
+    def interrupt(self, reason: str) -> None:
+        """From another thread: a receive() that waits (or the next one) raises PeerGone(reason) within POLL_S; the
+        session stays open, so this end can still send (an error frame saying why)."""
+        self.interrupted = reason
 
     def close(self) -> None:
         """Ends the session; a thread blocked in receive() at either end raises PeerGone. The mapping goes when

@@ -4,7 +4,7 @@ Both planes speak in these dataclasses; `encode_*`/`decode_*` are the only place
 they meet protobuf. Every array is a 1-D numpy array of the dtype named in
 PLAN_ARRAYS / RESULT_ARRAYS, and travels as packed little-endian bytes.
 
-A plan carries only what changed (DESIGN.md, "The step protocol"):
+A plan carries only what changed (docs/design.md, "The step protocol"):
 - `drop_slots`: sequences leaving the batch (finished, aborted, preempted);
 - `new_*`: sequences entering the batch at a slot, with their sampling params and
   how many of their tokens already sit in the KV cache (prefix-cache hit);
@@ -24,9 +24,11 @@ model's raw distribution (`logprob_rows` names the rows that have them).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 
 import numpy as np
+
+from proto.sampling_schema import COLUMNS, uses_penalties
 
 # run_flags bits
 RUN_SAMPLE = 1  # sample a token after this entry's last token
@@ -37,11 +39,10 @@ PLAN_ARRAYS: dict[str, np.dtype] = {
     "drop_slots": np.dtype("<i4"),
     "new_slots": np.dtype("<i4"),
     "new_num_cached_tokens": np.dtype("<i4"),
-    "new_temperature": np.dtype("<f4"),
-    "new_top_p": np.dtype("<f4"),
-    "new_top_k": np.dtype("<i4"),
-    "new_seed": np.dtype("<i8"),
-    "new_has_seed": np.dtype("u1"),
+    "new_num_prompt_tokens": np.dtype("<i4"),
+    "new_num_stop_ids": np.dtype("<i4"),
+    # the sampling options the data plane needs, one column each (proto/sampling_schema.py)
+    **{column.field: np.dtype(column.dtype) for column in COLUMNS},
     "block_slots": np.dtype("<i4"),
     "block_indices": np.dtype("<i4"),
     "block_ids": np.dtype("<i4"),
@@ -49,15 +50,6 @@ PLAN_ARRAYS: dict[str, np.dtype] = {
     "run_num_tokens": np.dtype("<i4"),
     "run_flags": np.dtype("u1"),
     "token_ids": np.dtype("<i4"),
-    "new_num_prompt_tokens": np.dtype("<i4"),
-    "new_min_p": np.dtype("<f4"),
-    "new_repetition_penalty": np.dtype("<f4"),
-    "new_presence_penalty": np.dtype("<f4"),
-    "new_frequency_penalty": np.dtype("<f4"),
-    "new_min_tokens": np.dtype("<i4"),
-    "new_num_logprobs": np.dtype("<i4"),
-    "new_num_prompt_logprobs": np.dtype("<i4"),
-    "new_num_stop_ids": np.dtype("<i4"),
     "stop_ids": np.dtype("<i4"),
     "cached_token_ids": np.dtype("<i4"),
     "prompt_logprob_counts": np.dtype("<i4"),
@@ -66,10 +58,7 @@ PLAN_ARRAYS: dict[str, np.dtype] = {
     "grammar_bitmask": np.dtype("<i4"),
 }
 # one entry per new sequence; defaults for a plan built without them
-NEW_SEQUENCE_ARRAYS = ("new_num_cached_tokens", "new_temperature", "new_top_p", "new_top_k", "new_seed",
-                       "new_has_seed", "new_num_prompt_tokens", "new_min_p", "new_repetition_penalty",
-                       "new_presence_penalty", "new_frequency_penalty", "new_min_tokens", "new_num_logprobs",
-                       "new_num_prompt_logprobs", "new_num_stop_ids")
+NEW_SEQUENCE_ARRAYS = tuple(name for name in PLAN_ARRAYS if name.startswith("new_") and name != "new_slots")
 
 RESULT_ARRAYS: dict[str, np.dtype] = {
     "slots": np.dtype("<i4"),
@@ -90,39 +79,11 @@ def _empty(dtype: np.dtype):
     return field(default_factory=lambda: np.zeros(0, dtype))
 
 
-@dataclass(slots=True)
-class StepPlan:
-    step_id: int
-    drop_slots: np.ndarray = _empty(PLAN_ARRAYS["drop_slots"])
-    new_slots: np.ndarray = _empty(PLAN_ARRAYS["new_slots"])
-    new_num_cached_tokens: np.ndarray = _empty(PLAN_ARRAYS["new_num_cached_tokens"])
-    new_temperature: np.ndarray = _empty(PLAN_ARRAYS["new_temperature"])
-    new_top_p: np.ndarray = _empty(PLAN_ARRAYS["new_top_p"])
-    new_top_k: np.ndarray = _empty(PLAN_ARRAYS["new_top_k"])
-    new_seed: np.ndarray = _empty(PLAN_ARRAYS["new_seed"])
-    new_has_seed: np.ndarray = _empty(PLAN_ARRAYS["new_has_seed"])
-    block_slots: np.ndarray = _empty(PLAN_ARRAYS["block_slots"])
-    block_indices: np.ndarray = _empty(PLAN_ARRAYS["block_indices"])
-    block_ids: np.ndarray = _empty(PLAN_ARRAYS["block_ids"])
-    run_slots: np.ndarray = _empty(PLAN_ARRAYS["run_slots"])
-    run_num_tokens: np.ndarray = _empty(PLAN_ARRAYS["run_num_tokens"])
-    run_flags: np.ndarray = _empty(PLAN_ARRAYS["run_flags"])
-    token_ids: np.ndarray = _empty(PLAN_ARRAYS["token_ids"])
-    new_num_prompt_tokens: np.ndarray = _empty(PLAN_ARRAYS["new_num_prompt_tokens"])
-    new_min_p: np.ndarray = _empty(PLAN_ARRAYS["new_min_p"])
-    new_repetition_penalty: np.ndarray = _empty(PLAN_ARRAYS["new_repetition_penalty"])
-    new_presence_penalty: np.ndarray = _empty(PLAN_ARRAYS["new_presence_penalty"])
-    new_frequency_penalty: np.ndarray = _empty(PLAN_ARRAYS["new_frequency_penalty"])
-    new_min_tokens: np.ndarray = _empty(PLAN_ARRAYS["new_min_tokens"])
-    new_num_logprobs: np.ndarray = _empty(PLAN_ARRAYS["new_num_logprobs"])
-    new_num_prompt_logprobs: np.ndarray = _empty(PLAN_ARRAYS["new_num_prompt_logprobs"])
-    new_num_stop_ids: np.ndarray = _empty(PLAN_ARRAYS["new_num_stop_ids"])
-    stop_ids: np.ndarray = _empty(PLAN_ARRAYS["stop_ids"])
-    cached_token_ids: np.ndarray = _empty(PLAN_ARRAYS["cached_token_ids"])
-    prompt_logprob_counts: np.ndarray = _empty(PLAN_ARRAYS["prompt_logprob_counts"])
-    prompt_logprob_token_ids: np.ndarray = _empty(PLAN_ARRAYS["prompt_logprob_token_ids"])
-    grammar_rows: np.ndarray = _empty(PLAN_ARRAYS["grammar_rows"])
-    grammar_bitmask: np.ndarray = _empty(PLAN_ARRAYS["grammar_bitmask"])
+class _StepPlanMethods:
+    """One step's plan: `step_id` and one 1-D array per PLAN_ARRAYS entry, named as there
+    (dataplane.proto's StepPlan); the sampling columns come from proto/sampling_schema.py."""
+
+    __slots__ = ()
 
     @property
     def num_sampled(self) -> int:
@@ -131,8 +92,7 @@ class StepPlan:
     @property
     def new_uses_penalties(self) -> np.ndarray:
         """bool per new sequence: some penalty is on (its cached tokens are in cached_token_ids)."""
-        return ((self.new_repetition_penalty != 1.0) | (self.new_presence_penalty != 0.0)
-                | (self.new_frequency_penalty != 0.0))
+        return np.asarray(uses_penalties(lambda name: getattr(self, "new_" + name)), dtype=bool)
 
     def check(self) -> None:
         """Raises ValueError when the arrays are inconsistent with each other."""
@@ -152,7 +112,34 @@ class StepPlan:
             raise ValueError(f"plan {self.step_id}: an entry without tokens in the plan must run exactly 1 token")
         if np.any(self.run_num_tokens < 1):
             raise ValueError(f"plan {self.step_id}: every run entry must run at least 1 token")
+        if np.any(self.run_flags & ~np.uint8(RUN_SAMPLE | RUN_TOKENS_IN_PLAN | RUN_PROMPT_LOGPROBS)):
+            raise ValueError(f"plan {self.step_id}: run_flags has bits that mean nothing")
+        self._check_new_values()
         self._check_extras(in_plan)
+
+    def _check_new_values(self) -> None:
+        """Each new sequence's numbers in the ranges the control plane's validation allows (docs/sampling.md)."""
+        with np.errstate(invalid="ignore"):  # NaN compares False: it fails every range below
+            checks = (
+                ("new_num_cached_tokens", self.new_num_cached_tokens >= 0, ">= 0"),
+                ("new_num_prompt_tokens", self.new_num_prompt_tokens >= 0, ">= 0"),
+                ("new_temperature", np.isfinite(self.new_temperature) & (self.new_temperature >= 0),
+                 "a finite number >= 0"),
+                ("new_top_p", (self.new_top_p > 0) & (self.new_top_p <= 1), "in (0, 1]"),
+                ("new_top_k", (self.new_top_k == -1) | (self.new_top_k >= 1), "-1 (off) or >= 1"),
+                ("new_min_p", (self.new_min_p >= 0) & (self.new_min_p <= 1), "in [0, 1]"),
+                ("new_repetition_penalty", np.isfinite(self.new_repetition_penalty) & (self.new_repetition_penalty > 0),
+                 "a finite number > 0"),
+                ("new_presence_penalty", np.isfinite(self.new_presence_penalty), "finite"),
+                ("new_frequency_penalty", np.isfinite(self.new_frequency_penalty), "finite"),
+                ("new_min_tokens", self.new_min_tokens >= 0, ">= 0"),
+                ("new_num_logprobs", self.new_num_logprobs >= -1, ">= -1 (-1 = none)"),
+                ("new_num_prompt_logprobs", self.new_num_prompt_logprobs >= -1, ">= -1 (-1 = none)"),
+                ("new_has_seed", self.new_has_seed <= 1, "0 or 1"),
+            )
+        for name, ok, rule in checks:
+            if not np.all(ok):
+                raise ValueError(f"plan {self.step_id}: {name} must be {rule}, got {getattr(self, name)[~ok][0]}")
 
     def _check_extras(self, in_plan: np.ndarray) -> None:
         if np.any(self.new_num_stop_ids < 0) or int(self.new_num_stop_ids.sum()) != len(self.stop_ids):
@@ -192,6 +179,11 @@ class StepPlan:
     @property
     def grammar_words_per_row(self) -> int:
         return len(self.grammar_bitmask) // len(self.grammar_rows) if len(self.grammar_rows) else 0
+
+
+StepPlan = make_dataclass("StepPlan", [("step_id", int), *((n, np.ndarray, _empty(d)) for n, d in PLAN_ARRAYS.items())],
+                          bases=(_StepPlanMethods,), slots=True,
+                          namespace={"__doc__": _StepPlanMethods.__doc__, "__module__": __name__})
 
 
 @dataclass(slots=True)

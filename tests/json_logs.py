@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def json_lines(path: Path) -> list[dict]:
-    """The JSON log entries in a file; when two processes share it, two entries may end up on one line."""
+    """The JSON log entries in a file, skipping lines that are not ours (grpc's C core writes to stderr too)."""
     decoder, entries = json.JSONDecoder(), []
     for line in path.read_text(errors="replace").splitlines():
         i = 0

@@ -25,6 +25,13 @@ TRANSPORT = os.environ.get("NANOPLANE_TEST_TRANSPORT", "auto")
 TRANSPORTS = ["grpc", "shm"]  # what the end-to-end suites are parametrised over
 
 
+
+def without_model_name(name_labels: str) -> str:
+    """`name{labels}` of a sample line with the model_name and dataplane labels taken out (`name` when they were
+    the only ones)."""
+    text = re.sub(r'(model_name|dataplane)="[^"]*"', "", name_labels)
+    return re.sub(r",(?=[,}])|(?<={),", "", text).replace("{}", "")
+
 class InProcessControlPlane:
     """The control plane in this process, against the data plane at dataplane_target (so tests can read its
     scheduler's block counts); control_plane_options: ControlPlaneConfig fields; client_options: Client keywords."""
@@ -59,7 +66,7 @@ class InProcessControlPlane:
         """One sample of the control plane's metrics by `name` or `name{label="value"}` (model_name left out)."""
         for line in self.control_plane.registry.render().splitlines():
             name_labels, _, value = line.rpartition(" ")
-            if re.sub(r'model_name="[^"]*",?', "", name_labels).replace("{}", "") == sample:
+            if without_model_name(name_labels) == sample:
                 return float(value)
         raise KeyError(f"no metric sample {sample}")
 

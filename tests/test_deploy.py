@@ -87,6 +87,14 @@ def test_dockerfiles_run_as_a_user_with_a_health_check(plane):
     assert ("FROM python:3.11-slim" in text) if plane == "controlplane" else ("nvidia/cuda" in text)
 
 
+def test_each_image_copies_only_its_plane():
+    controlplane = (DEPLOY / "controlplane.Dockerfile").read_text()
+    dataplane = (DEPLOY / "dataplane.Dockerfile").read_text()
+    installs = [line for line in controlplane.splitlines() if line.startswith(("RUN pip", " &&", "        "))]
+    assert "COPY dataplane" not in controlplane and installs and not any("torch" in line for line in installs)
+    assert "COPY controlplane" not in dataplane and "COPY dataplane dataplane" in dataplane
+
+
 def test_gen_certs_makes_certificates_that_verify(tmp_path):
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")

@@ -1,26 +1,37 @@
 """The OpenAI-compatible HTTP gateway in front of both planes: the official `openai` package as a user
-would drive it (streaming and not, usage, stop, n, seed), and OpenAI's error shape checked with http.client."""
+would drive it (streaming and not, usage, stop, n, seed), OpenAI's error shape checked with http.client,
+the probes that need no key, CORS and the OpenAPI schema."""
 import asyncio
 import http.client
 import json
+import time
 
 import pytest
 
 from client import SamplingParams
-from tests.stack import InProcessStack
+from tests.stack import InProcessStack, free_port
 
 openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+from gateway.config import GatewayConfig  # noqa: E402
+from gateway.http_gateway import start_http_gateway  # noqa: E402
+
+
+def start_gateway(stack, target: str | None = None, **options):
+    config = GatewayConfig(target or stack.target, http_port=0, **options)
+    return asyncio.run_coroutine_threadsafe(start_http_gateway(config), stack.loop).result(30)
+
+
+def stop_gateway(stack, gateway) -> None:
+    asyncio.run_coroutine_threadsafe(gateway.stop(), stack.loop).result(30)
 
 
 @pytest.fixture(scope="module")
 def stack(tiny_model_dir):
-    from gateway.http_gateway import start_http_gateway
-
     s = InProcessStack(str(tiny_model_dir("qwen3")), block_size=16, num_kv_blocks=64)
-    s.gateway = asyncio.run_coroutine_threadsafe(start_http_gateway(s.target, "127.0.0.1", 0,
-                                                                    max_body_bytes=64 * 1024), s.loop).result(30)
+    s.gateway = start_gateway(s, max_body_bytes=64 * 1024)
     yield s
-    asyncio.run_coroutine_threadsafe(s.gateway.stop(), s.loop).result(30)
+    stop_gateway(s, s.gateway)
     s.close()
 
 
@@ -35,10 +46,11 @@ def model(oai):
     return oai.models.list().data[0].id
 
 
-def request(stack, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-    conn = http.client.HTTPConnection("127.0.0.1", stack.gateway.port, timeout=60)
+def request(stack, method: str, path: str, body=None, headers: dict | None = None, port: int | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", port or stack.gateway.port, timeout=60)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})},
+                     encode_chunked=body is not None and not isinstance(body, bytes))
         response = conn.getresponse()
         return response.status, response.getheaders(), response.read()
     finally:
@@ -138,10 +150,91 @@ def test_malformed_and_invalid_requests_get_400_in_openai_shape(stack, model):
 
 def test_http_framing_errors(stack):
     assert_openai_error(request(stack, "GET", "/v2/nothing"), 404)
-    status, headers, _ = request(stack, "GET", "/v1/completions")
-    assert status == 405 and dict(headers)["Allow"] == "POST"
-    assert_openai_error(request(stack, "POST", "/v1/completions", b"x" * (64 * 1024 + 1)), 413)
+    status, headers, body = request(stack, "GET", "/v1/completions")
+    assert_openai_error((status, headers, body), 405)
+    assert dict(headers)["allow"] == "POST"
     assert_openai_error(request(stack, "POST", "/v1/completions", b""), 400, message="empty")
+
+
+def test_oversized_bodies_get_413(stack, model):
+    limit = 64 * 1024
+    big = json.dumps({"model": model, "prompt": "x" * limit}).encode()
+    assert_openai_error(request(stack, "POST", "/v1/completions", big), 413, message=str(limit))
+    # chunked, so without a Content-Length: counted as it comes
+    error = assert_openai_error(request(stack, "POST", "/v1/completions", iter([big[:40_000], big[40_000:]])), 413)
+    assert error["code"] == "body_too_large"
+    small = json.dumps({"model": model, "prompt": "Hi", "max_tokens": 2}).encode()
+    status, _, body = request(stack, "POST", "/v1/completions", iter([small[:10], small[10:]]))
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] >= 1  # a small chunked body is fine
+
+
+def test_bodies_that_do_not_fit_the_models_get_400_naming_the_field(stack, model):
+    def post(path, body):
+        return request(stack, "POST", path, json.dumps(body).encode())
+
+    error = assert_openai_error(post("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": "12"}), 400,
+                                param="max_tokens")
+    assert error["type"] == "invalid_request_error" and "integer" in error["message"]
+    assert_openai_error(post("/v1/completions", {"model": model, "prompt": "hi", "stream": 1}), 400, param="stream")
+    assert_openai_error(post("/v1/completions", {"model": model, "prompt": [1, "a"]}), 400, param="prompt",
+                        message="prompt: must be a string, a non-empty list of strings")
+    assert_openai_error(post("/v1/completions", {"model": model}), 400, param="prompt", message="prompt: is required")
+    error = assert_openai_error(post("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}), 400,
+                                param="messages")
+    assert error["message"].startswith("messages[0].content: must be a string or a list of text parts")
+    assert_openai_error(post("/v1/chat/completions", {"messages": [{"content": "hi"}]}), 400, param="messages",
+                        message="messages[0].role: is required")
+    assert_openai_error(request(stack, "POST", "/v1/completions", b'{"prompt": "hi"'), 400,
+                        message="not valid JSON")
+
+
+def test_probes_answer_without_a_key_and_readiness_follows_the_control_plane(stack):
+    status, _, body = request(stack, "GET", "/health")
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+    status, _, body = request(stack, "GET", "/ready")
+    assert status == 200 and json.loads(body) == {"status": "ready"}
+    nowhere = start_gateway(stack, target=f"127.0.0.1:{free_port()}")  # no control plane there
+    try:
+        assert request(stack, "GET", "/health", port=nowhere.port)[0] == 200  # alive: not restarted for that
+        error = assert_openai_error(request(stack, "GET", "/ready", port=nowhere.port), 503)
+        assert error["code"] == "not_ready" and "does not answer" in error["message"]
+    finally:
+        stop_gateway(stack, nowhere)
+
+
+def test_openapi_schema_and_docs(stack):
+    status, _, body = request(stack, "GET", "/openapi.json")
+    schema = json.loads(body)
+    assert status == 200 and schema["openapi"].startswith("3.")
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready"} <= set(schema["paths"])
+    components = schema["components"]["schemas"]
+    assert {"min_p", "ignore_eos", "prompt"} <= set(components["CompletionRequest"]["properties"])
+    assert "messages" in components["ChatCompletionRequest"]["required"]
+    assert set(components["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
+    status, headers, body = request(stack, "GET", "/docs")
+    assert status == 200 and dict(headers)["content-type"].startswith("text/html") and b"openapi.json" in body
+
+
+def test_cors_only_for_the_configured_origins(stack):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    status, headers, _ = request(stack, "OPTIONS", "/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in dict(headers)  # off by default
+    gateway = start_gateway(stack, cors_allowed_origins="https://app.example, https://other.example")
+    try:
+        status, headers, _ = request(stack, "OPTIONS", "/v1/chat/completions", headers=preflight, port=gateway.port)
+        headers = dict(headers)
+        assert status == 200 and headers["access-control-allow-origin"] == "https://app.example"
+        assert "POST" in headers["access-control-allow-methods"]
+        assert "authorization" in headers["access-control-allow-headers"].lower()
+        status, headers, _ = request(stack, "OPTIONS", "/v1/chat/completions", port=gateway.port,
+                                     headers={**preflight, "Origin": "https://evil.example"})
+        assert status == 400 and "access-control-allow-origin" not in dict(headers)
+        status, headers, _ = request(stack, "GET", "/v1/models", headers={"Origin": "https://other.example"},
+                                     port=gateway.port)
+        assert status == 200 and dict(headers)["access-control-allow-origin"] == "https://other.example"
+    finally:
+        stop_gateway(stack, gateway)
 
 
 def test_openai_client_raises_typed_errors(oai, model):
@@ -157,13 +250,18 @@ def test_logprobs_and_vllm_sampling_fields(oai, model):
                                         extra_body={"ignore_eos": True, "min_p": 0.01})
     lp = completion.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
-    assert all(t.startswith("token_id:") for t in lp.tokens) and all(len(top) == 2 for top in lp.top_logprobs)
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    # tokens by their text: together they spell the completion (unless one is a piece of a multi-byte character)
+    assert not any(t.startswith("token_id:") for t in lp.tokens)
+    assert "".join(lp.tokens) == completion.choices[0].text or any("\ufffd" in t for t in lp.tokens)
     assert all(x <= 0 for x in lp.token_logprobs)
     chat = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                        logprobs=True, top_logprobs=3, presence_penalty=0.5, frequency_penalty=0.5,
                                        extra_body={"ignore_eos": True})
     content = chat.choices[0].logprobs.content
     assert len(content) == 4 and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.bytes == list(c.token.encode()) and c.token and not c.token.startswith("token_id:")
+               for c in content)
     streamed = list(oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
                                                 max_tokens=4, logprobs=True, stream=True,
                                                 extra_body={"ignore_eos": True}))
@@ -181,11 +279,9 @@ def test_unsupported_fields_are_refused(stack, model):
 
 
 def test_forwards_the_callers_bearer_token(tiny_model_dir, monkeypatch):
-    from gateway.http_gateway import start_http_gateway
-
     monkeypatch.setenv("NANOPLANE_CP_AUTH_TOKENS", "secret-token")
     s = InProcessStack(str(tiny_model_dir("qwen3")), block_size=16, num_kv_blocks=32)
-    gateway = asyncio.run_coroutine_threadsafe(start_http_gateway(s.target, "127.0.0.1", 0), s.loop).result(30)
+    gateway = s.gateway = start_gateway(s)
     try:
         base_url = f"http://127.0.0.1:{gateway.port}/v1"
         good = openai.OpenAI(base_url=base_url, api_key="secret-token", max_retries=0)
@@ -196,6 +292,36 @@ def test_forwards_the_callers_bearer_token(tiny_model_dir, monkeypatch):
             wrong.completions.create(model=model, prompt="Hi")
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
+        assert_openai_error(request(s, "GET", "/v1/models"), 401)  # no key at all
+        for probe, status in (("/health", {"status": "ok"}), ("/ready", {"status": "ready"})):  # no key needed
+            got = request(s, "GET", probe)
+            assert got[0] == 200 and json.loads(got[2]) == status, got
+        assert request(s, "GET", "/openapi.json")[0] == 200
     finally:
-        asyncio.run_coroutine_threadsafe(gateway.stop(), s.loop).result(30)
+        stop_gateway(s, gateway)
         s.close()
+
+
+def test_a_client_that_goes_away_mid_stream_aborts_its_request(stack, model):
+    def aborted() -> float:
+        try:
+            return stack.metric('nanoplane:request_success_total{finished_reason="abort"}')
+        except KeyError:
+            return 0.0
+
+    before = aborted()
+    body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 500, "stream": True,
+                       "ignore_eos": True}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", stack.gateway.port, timeout=60)
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    assert response.readline().startswith(b"data: {")
+    conn.sock.shutdown(2)  # gone, long before 500 tokens
+    conn.close()
+    deadline = time.monotonic() + 30
+    while aborted() < before + 1:
+        assert time.monotonic() < deadline, "the request went on after its client left"
+        time.sleep(0.05)
+    stack.wait_idle()
+    assert not stack.scheduler.has_unfinished()

@@ -1,8 +1,9 @@
-"""Observability of the control plane: the Prometheus endpoint after real requests, and a health status
-that follows the data plane (NOT_SERVING when it is gone, SERVING again when it is back)."""
+"""Observability of the control plane: the Prometheus endpoint after real requests (and behind bearer tokens),
+and a health status that follows the data plane (NOT_SERVING when it is gone, SERVING again when it is back)."""
 import re
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -10,9 +11,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import SamplingParams
-from controlplane.ops.metrics import Counter, Histogram, Registry
+from controlplane.ops.metrics import Metrics, MetricsServer
 from dataplane.server import build_server, set_serving
-from tests.stack import InProcessStack, free_port
+from tests.stack import InProcessStack, free_port, without_model_name
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$')
 NAMES = ["nanoplane:num_requests_running", "nanoplane:num_requests_waiting", "nanoplane:kv_cache_usage_perc",
@@ -41,8 +42,7 @@ def scrape(stack) -> tuple[str, dict[str, float]]:
         match = SAMPLE.match(line)
         assert match, f"not a sample line: {line!r}"
         name, labels, value = match.groups()
-        labels = re.sub(r'model_name="[^"]*",?', "", labels or "").replace("{}", "")
-        samples[name + labels] = float(value)
+        samples[without_model_name(name + (labels or ""))] = float(value)
     return text.decode(), samples
 
 
@@ -72,7 +72,7 @@ def test_metrics_after_a_few_requests(stack):
 
     for name in NAMES:
         assert f"# TYPE {name} " in text, name
-    assert 'model_name="' in text
+    assert 'model_name="' in text and 'dataplane="127.0.0.1:' in text
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     assert delta['nanoplane:request_success_total{finished_reason="length"}'] == 3
     assert delta["nanoplane:prompt_tokens_total"] == 3 * len(prompt_ids)
@@ -112,21 +112,60 @@ def test_running_requests_and_kv_usage_show_while_generating(stack):
     assert seen["nanoplane:kv_cache_usage_perc"] > 0
 
 
-def test_registry_renders_the_text_format():
-    registry = Registry({"model_name": 'a "b"'})
-    counter = registry.add(Counter("x_total", "Things.", ("kind",)))
-    counter.inc(2, kind="k")
-    histogram = registry.add(Histogram("h_seconds", "Times.", (0.1, 1.0)))
+def test_metrics_render_the_text_format():
+    metrics = Metrics({"model_name": 'a "b"'})
+    counter = metrics.counter("x_total", "Things.", ("kind",))
+    counter.labels(kind="k").inc(2)
+    histogram = metrics.histogram("h_seconds", "Times.", (0.1, 1.0))
     for value in (0.05, 0.1, 0.5, 3.0):
         histogram.observe(value)
-    text = registry.render()
-    assert 'x_total{model_name="a \\"b\\"",kind="k"} 2' in text
-    assert 'h_seconds_bucket{model_name="a \\"b\\"",le="0.1"} 2' in text  # le is inclusive
-    assert 'h_seconds_bucket{model_name="a \\"b\\"",le="1"} 3' in text
-    assert 'h_seconds_bucket{model_name="a \\"b\\"",le="+Inf"} 4' in text
-    assert 'h_seconds_count{model_name="a \\"b\\""} 4' in text
+    pending = [7]
+    metrics.gauge("g", "Read at scrape time.", lambda: pending[0])
+    metrics.counter_reader("r_total", "Kept elsewhere.", lambda: 5)
+    pending[0] = 9
+    text = metrics.render()
+    assert 'x_total{kind="k",model_name="a \\"b\\""} 2.0' in text and "# TYPE x_total counter" in text
+    assert 'h_seconds_bucket{le="0.1",model_name="a \\"b\\""} 2.0' in text  # le is inclusive
+    assert 'h_seconds_bucket{le="1.0",model_name="a \\"b\\""} 3.0' in text
+    assert 'h_seconds_bucket{le="+Inf",model_name="a \\"b\\""} 4.0' in text
+    assert 'h_seconds_count{model_name="a \\"b\\""} 4.0' in text
+    assert 'g{model_name="a \\"b\\""} 9.0' in text and 'r_total{model_name="a \\"b\\""} 5.0' in text
+    assert "_created" not in text
     with pytest.raises(ValueError):
-        counter.inc(-1, kind="k")
+        counter.labels(kind="k").inc(-1)
+    with pytest.raises(ValueError):  # one name, one metric
+        metrics.counter("x_total", "Again.")
+
+
+def get(url: str, token: str | None = None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_metrics_endpoint_with_bearer_tokens():
+    metrics = Metrics({"model_name": "m"})
+    metrics.counter("nanoplane:x_total", "Things.").inc()
+    server = MetricsServer(metrics, "127.0.0.1", 0, tokens=["scrape-token", "other"]).start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        assert get(f"{base}/metrics")[0] == 401
+        status, body = get(f"{base}/metrics", "wrong")
+        assert status == 401 and "Bearer" in body
+        for token in ("scrape-token", "other"):
+            status, body = get(f"{base}/metrics", token)
+            assert status == 200 and 'nanoplane:x_total{model_name="m"} 1.0' in body
+        assert get(f"{base}/other", "scrape-token")[0] == 404
+    finally:
+        server.stop()
+    open_server = MetricsServer(metrics, "127.0.0.1", 0).start()
+    try:
+        assert get(f"http://127.0.0.1:{open_server.port}/metrics")[0] == 200  # no tokens: open, as before
+    finally:
+        open_server.stop()
 
 
 def test_health_follows_the_data_plane(stack):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from client import Client, InvalidArgumentError, SamplingParams
+from nanoplane import LLM
 
 ROOT = Path(__file__).resolve().parents[1]
 

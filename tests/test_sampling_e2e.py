@@ -62,7 +62,10 @@ def hf_greedy_with_penalties(model_path, prompt: list[int], max_new_tokens: int,
 def assert_matches(entry, reference: torch.Tensor, num_top: int) -> None:
     token = entry.token.token_id
     assert entry.token.logprob == pytest.approx(reference[token].item(), abs=2e-4)
-    assert entry.token.rank == int((reference > reference[token]).sum()) + 1
+    # The rank is exact up to ties within the logprob tolerance: a token whose HF logprob is within 2e-4 of the
+    # chosen one may fall on either side of it in our float32 log-softmax.
+    value = reference[token].item()
+    assert int((reference > value + 2e-4).sum()) + 1 <= entry.token.rank <= int((reference > value - 2e-4).sum()) + 1
     top = reference.topk(num_top)
     assert [t.token_id for t in entry.top] == top.indices.tolist()
     assert [t.logprob for t in entry.top] == pytest.approx(top.values.tolist(), abs=2e-4)

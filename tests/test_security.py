@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import AsyncClient, Client, NanoplaneError, SamplingParams
-from controlplane.ops.auth import BearerTokenAuth, load_tokens
+from controlplane.ops.auth import BearerTokens, load_tokens
 from controlplane.config import ControlPlaneConfig
 from proto.healthcheck import check
 from dataplane.config import DataPlaneConfig
@@ -144,8 +144,10 @@ def test_tokens_from_file_and_environment(token_file):
     assert load_tokens(str(token_file), environ={}) == [TOKEN, "another-token"]
     assert load_tokens("", environ={"NANOPLANE_CP_AUTH_TOKENS": " a, b ,,"}) == ["a", "b"]
     assert load_tokens("", environ={}) == []
-    auth = BearerTokenAuth(["a", "bb"])
-    assert auth.accepts("a") and auth.accepts("bb") and not auth.accepts("b") and not auth.accepts("")
+    tokens = BearerTokens(["a", "bb"])
+    assert tokens.accepts("a") and tokens.accepts("bb") and not tokens.accepts("b") and not tokens.accepts("")
+    assert tokens.problem("Bearer bb") is None and tokens.problem("bearer a") is None
+    assert "authorization: Bearer" in tokens.problem("") and tokens.problem("Bearer b") == "invalid bearer token"
 
 
 def test_bad_security_flags_fail_at_start_up(pki, tmp_path):
@@ -159,6 +161,9 @@ def test_bad_security_flags_fail_at_start_up(pki, tmp_path):
         (ControlPlaneConfig(dataplane_tls_server_name="dataplane"), "needs TLS to the data plane"),
         (ControlPlaneConfig(auth_token_file=str(empty)), "holds no token"),
         (ControlPlaneConfig(metrics_port=50051), "--metrics-port must differ from --port"),
+        (ControlPlaneConfig(metrics_port=9090, metrics_auth_token_file=str(empty)),
+         "--metrics-auth-token-file .* holds no token"),
+        (ControlPlaneConfig(metrics_auth_token_file=str(tmp_path / "missing")), "needs --metrics-port"),
         (ControlPlaneConfig(dataplane_keepalive_s=0.1), "--dataplane-keepalive-s must be at least"),
         (ControlPlaneConfig(shutdown_grace_s=-1), "--shutdown-grace-s"),
         (DataPlaneConfig(model="m", tls_client_ca=str(pki.ca)), "--tls-client-ca (mutual TLS) needs --tls-cert"),

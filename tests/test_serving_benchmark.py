@@ -40,9 +40,11 @@ def test_grpc_at_a_low_rate(stack, tmp_path, capsys):
 
 
 def test_http_backend_through_the_gateway(stack):
+    from gateway.config import GatewayConfig
     from gateway.http_gateway import start_http_gateway
 
-    gateway = asyncio.run_coroutine_threadsafe(start_http_gateway(stack.target, "127.0.0.1", 0), stack.loop).result(30)
+    gateway = asyncio.run_coroutine_threadsafe(start_http_gateway(GatewayConfig(stack.target, http_port=0)),
+                                               stack.loop).result(30)
     try:
         [summary] = serving.main(["--target", stack.target, "--backend", "http", "--http-url",
                                   f"http://127.0.0.1:{gateway.port}/v1", *SMALL, "--request-rate", "4"])

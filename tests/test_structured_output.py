@@ -29,10 +29,12 @@ PERSON = {
 def stack(tiny_model_dir):
     import asyncio
 
+    from gateway.config import GatewayConfig
     from gateway.http_gateway import start_http_gateway
 
     s = InProcessStack(str(tiny_model_dir("llama")), block_size=16, num_kv_blocks=128, max_num_batched_tokens=64)
-    s.gateway = asyncio.run_coroutine_threadsafe(start_http_gateway(s.target, "127.0.0.1", 0), s.loop).result(30)
+    s.gateway = asyncio.run_coroutine_threadsafe(start_http_gateway(GatewayConfig(s.target, http_port=0)),
+                                                 s.loop).result(30)
     yield s
     asyncio.run_coroutine_threadsafe(s.gateway.stop(), s.loop).result(30)
     s.close()

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from controlplane.link.dataplane_client import DataPlaneClient, DataPlaneUnavailable
+from controlplane.link.dataplane_client import DataPlaneClient, DataPlaneFenced, DataPlaneUnavailable
 from controlplane.link.transport import choose_transport
 from dataplane.config import DataPlaneConfig
 from dataplane.runner import ModelRunner
 from dataplane.server import build_server
 from dataplane.step_loop import END, run_steps
+from proto import sampling_schema
 from proto.nanoplane.v1 import dataplane_pb2
 from proto.shm_channel import host_identity
 from proto.step import RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
@@ -102,18 +103,24 @@ def test_forced_shm_without_it_on_offer_is_a_clear_error(dataplane):
         server.stop(0)
 
 
-def test_one_step_session_at_a_time_over_either_transport(dataplane):
+def test_a_newer_session_fences_the_older_over_either_transport(dataplane):
+    """One control plane drives at a time: the newest (authenticated) one; the one it fenced is told so and stops
+    (it never takes the data plane back, or two control planes would take it from each other in turn)."""
     runner, target, steps, _ = dataplane
     first, second, third = (DataPlaneClient(target, transport=t) for t in ("shm", "grpc", "shm"))
     try:
         first.connect()
         assert_same_result(first.step(steps[0][0]), steps[0][1])
-        with pytest.raises(DataPlaneUnavailable, match="FAILED_PRECONDITION.*one control plane at a time"):
-            second.step(steps[0][0])
-        with pytest.raises(DataPlaneUnavailable, match="refused.*one control plane at a time"):
-            third.connect()
-        first.close_stream()  # the data plane frees the session as soon as it sees the socket close
+        assert_same_result(second.step(steps[0][0]), steps[0][1])  # the same slot again: a clean batch
+        with pytest.raises(DataPlaneFenced, match="fenced: a newer control plane opened step session"):
+            first.step(steps[1][0])
+        assert first.fenced
+        with pytest.raises(DataPlaneFenced):
+            first.connect()
         assert_same_result(third.step(steps[0][0]), steps[0][1])
+        with pytest.raises(DataPlaneFenced, match="fenced"):
+            second.step(steps[1][0])
+        assert_same_result(third.step(steps[1][0]), steps[1][1])
     finally:
         for client in (first, second, third):
             client.close()
@@ -137,13 +144,11 @@ def test_a_rejected_plan_ends_the_session_with_its_reason(dataplane, transport, 
 
 
 def _one_new_sequence() -> dict:
-    plan = StepPlan(step_id=0)
-    return {name: np.zeros(1, getattr(plan, name).dtype) for name in (
-        "new_num_cached_tokens", "new_temperature", "new_top_p", "new_top_k", "new_seed", "new_has_seed",
-        "new_num_prompt_tokens", "new_min_p", "new_min_tokens", "new_num_logprobs", "new_num_prompt_logprobs",
-        "new_num_stop_ids", "new_presence_penalty", "new_frequency_penalty")} | {
-        "new_repetition_penalty": np.ones(1, np.float32), "new_top_p": np.ones(1, np.float32),
-        "new_num_logprobs": np.full(1, -1, np.int32), "new_num_prompt_logprobs": np.full(1, -1, np.int32)}
+    """The new-sequence columns of one sequence with every sampling option at its default."""
+    columns = {c.field: np.array([c.pack(o.default)], c.dtype) for o in sampling_schema.DATAPLANE_OPTIONS
+               for c in o.columns}
+    return columns | {name: np.zeros(1, np.int32)
+                      for name in ("new_num_cached_tokens", "new_num_prompt_tokens", "new_num_stop_ids")}
 
 
 class LaunchingRunner:

@@ -6,6 +6,7 @@ Needs root and iproute2 (`ip netns`); skipped, with the reason, where namespaces
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -148,7 +149,7 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
 def test_generate_across_hosts_with_mutual_tls(hosts, planes):
     out = generate_from_the_dataplane_host(hosts, planes, "across-hosts-1")
     assert out["finish_reason"] == "length" and out["num_tokens"] == 8
-    assert 'nanoplane:request_success_total{model_name="' in out["metrics"]
+    assert re.search(r'^nanoplane:request_success_total\{.*model_name="', out["metrics"], re.M)
     work = planes[1]
     cp_logs, dp_logs = json_lines(work / "controlplane.log"), json_lines(work / "dataplane.log")
     entered = next(e for e in cp_logs if e["event"] == "sequence entered slot" and e["request_id"] == "across-hosts-1")

@@ -10,9 +10,8 @@ min_tokens the ids to ban, and chunks of prompts that want prompt logprobs are f
 with the prompt tokens their rows predict.
 
 The runs of a step are kept as columns (`StepRuns`), in batch order, so that a step of
-plain decodes costs a few list appends per sequence: the Scheduler appends those
-straight to the columns, and only the other runs (`StepRuns.add`) are kept as
-`ScheduledRun`s for what they may carry besides (new slots, block writes).
+plain decodes costs a few list appends per sequence; only the runs that carry more (a
+new slot, blocks not sent yet) are kept as `ScheduledRun`s as well.
 """
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from controlplane.core.sequence import Sequence
+from proto.sampling_schema import DATAPLANE_OPTIONS, column_values
 from proto.step import PLAN_ARRAYS, RUN_PROMPT_LOGPROBS, RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
 
 
@@ -30,8 +30,6 @@ class ScheduledRun:
     start: int  # seq.num_computed_tokens before this step's chunk: the KV the data plane already holds
     num_tokens: int
     is_new: bool  # the sequence got its slot this step
-    samples: bool = False  # the chunk reaches the sequence's end: a token is sampled after it
-    token_on_device: bool = False  # a decode of the token the data plane sampled last at this slot
 
 
 class StepRuns:
@@ -48,28 +46,31 @@ class StepRuns:
         self.token_ids: list[int] = []  # of the runs flagged RUN_TOKENS_IN_PLAN, in run order
         self.prompt_logprob_counts: list[int] = []
         self.prompt_logprob_token_ids: list[int] = []
-        self.others: list[ScheduledRun] = []  # every run but the Scheduler's plain decodes
+        self.others: list[ScheduledRun] = []  # the runs of new sequences and of those with blocks to send
 
     def __len__(self) -> int:
         return len(self.slots)
 
-    def add(self, run: ScheduledRun) -> None:
-        """Appends a run of any kind (the Scheduler appends plain decodes to the columns itself)."""
-        seq, start, n, on_device = run.seq, run.start, run.num_tokens, run.token_on_device
-        end = start + n
-        if not on_device:
-            assert end <= seq.num_tokens, f"{seq.seq_id}: a chunk with a pending token must be its decode"
-            self.token_ids += seq.token_ids[start:end]
-        num_targets = num_prompt_targets(seq, start, n) if seq.needs_prompt_logprobs else 0
-        if num_targets:
-            self.prompt_logprob_counts.append(num_targets)
-            self.prompt_logprob_token_ids += seq.token_ids[start + 1:start + 1 + num_targets]
+    def add(self, seq: Sequence, start: int, n: int, is_new: bool, samples: bool, on_device: bool) -> None:
+        """Appends seq's run of n tokens from start (Scheduler._take says which kind it is)."""
+        if on_device:  # a decode of the token the data plane sampled last at this slot
+            flags = RUN_SAMPLE
+        else:
+            assert start + n <= len(seq.token_ids), f"{seq.seq_id}: a chunk with a pending token must be its decode"
+            self.token_ids += seq.token_ids[start:start + n]
+            flags = RUN_SAMPLE | RUN_TOKENS_IN_PLAN if samples else RUN_TOKENS_IN_PLAN
+        if seq.needs_prompt_logprobs:
+            num_targets = num_prompt_targets(seq, start, n)
+            if num_targets:
+                self.prompt_logprob_counts.append(num_targets)
+                self.prompt_logprob_token_ids += seq.token_ids[start + 1:start + 1 + num_targets]
+                flags |= RUN_PROMPT_LOGPROBS
         self.slots.append(seq.slot)
         self.starts.append(start)
         self.num_tokens.append(n)
-        self.flags.append((RUN_SAMPLE if run.samples else 0) | (0 if on_device else RUN_TOKENS_IN_PLAN)
-                          | (RUN_PROMPT_LOGPROBS if num_targets else 0))
-        self.others.append(run)
+        self.flags.append(flags)
+        if is_new or seq.num_blocks_sent != len(seq.block_table):
+            self.others.append(ScheduledRun(seq, start, n, is_new))
 
 
 def _array(name: str, values: list) -> np.ndarray:
@@ -109,7 +110,6 @@ class PlanBuilder:
         )
         if new:
             self._add_new(plan, new)
-        # a plain decode's blocks were all sent before: only the other runs can have new ones
         self._add_block_writes(plan, runs.others)
         self.next_step_id += 1
         return plan
@@ -118,17 +118,13 @@ class PlanBuilder:
         options = [r.seq.sampling for r in new]
         plan.new_slots = _array("new_slots", [r.seq.slot for r in new])
         plan.new_num_cached_tokens = _array("new_num_cached_tokens", [r.start for r in new])
-        plan.new_temperature = _array("new_temperature", [o.temperature for o in options])
-        plan.new_top_p = _array("new_top_p", [o.top_p for o in options])
-        plan.new_top_k = _array("new_top_k", [o.top_k for o in options])
-        plan.new_seed = _array("new_seed", [o.seed or 0 for o in options])
-        plan.new_has_seed = _array("new_has_seed", [o.seed is not None for o in options])
         plan.new_num_prompt_tokens = _array("new_num_prompt_tokens", [r.seq.num_prompt_tokens for r in new])
-        for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens"):
-            setattr(plan, f"new_{name}", _array(f"new_{name}", [getattr(o, name) for o in options]))
-        plan.new_num_logprobs = _array("new_num_logprobs", [-1 if o.logprobs is None else o.logprobs for o in options])
-        plan.new_num_prompt_logprobs = _array("new_num_prompt_logprobs", [
-            r.seq.sampling.prompt_logprobs if r.seq.needs_prompt_logprobs else -1 for r in new])
+        for option in DATAPLANE_OPTIONS:
+            values = [getattr(o, option.name) for o in options]
+            if option.name == "prompt_logprobs":  # none left to return: a preempted sequence past its prompt
+                values = [v if r.seq.needs_prompt_logprobs else None for v, r in zip(values, new)]
+            for column in option.columns:
+                setattr(plan, column.field, _array(column.field, column_values(values, column)))
         banned = [banned_until_min_tokens(r.seq, self.eos_token_ids) for r in new]
         plan.new_num_stop_ids = _array("new_num_stop_ids", [len(b) for b in banned])
         plan.stop_ids = _array("stop_ids", [t for b in banned for t in b])

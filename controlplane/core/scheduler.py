@@ -35,19 +35,25 @@ matcher, and a matcher that accepted a stop token ends it.
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
-import logging
 from collections import deque
 from dataclasses import dataclass
 
+import structlog
+
 from controlplane.core.block_manager import BlockManager
-from controlplane.core.plan_builder import PlanBuilder, ScheduledRun, StepRuns
+from controlplane.core.plan_builder import PlanBuilder, StepRuns
 from controlplane.core.sequence import FinishReason, Sequence, SequenceStatus
 from controlplane.structured.grammar_state import BitmaskFiller, add_grammar_masks
-from proto.step import RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan, StepResult
+from proto.step import StepPlan, StepResult
 
-log = logging.getLogger("controlplane.core.scheduler")
+log = structlog.get_logger("controlplane.core.scheduler")
+
+
+def _arrival(seq: Sequence) -> int:
+    return seq.arrival
 
 
 @dataclass(slots=True)
@@ -133,7 +139,9 @@ class Scheduler:
         self.max_seq_len = config.max_seq_len  # read per sequence per step: not a property here
         self.num_discarded_tokens = 0  # sampled for a sequence that had finished by then (overlap, aborts)
         self.in_flight: deque[InFlightStep] = deque()  # oldest first
-        self.fast_decodes = True  # plain decodes skip _take (tests turn it off to compare plans)
+        # priority scheduling (a sequence added with an order offset): waiting and running stay sorted by
+        # arrival, so admission takes the lowest key first and preemption pops the highest
+        self.ordered = False
         self.num_constrained = 0  # unfinished sequences under a grammar: 0 skips the bitmask pass
         self.bitmask_filler = BitmaskFiller()
 
@@ -151,15 +159,35 @@ class Scheduler:
     def seq_at_slot(self, slot: int) -> Sequence | None:
         return self.slots.seqs[slot]
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, order_offset: int = 0) -> None:
+        """order_offset > 0 (priority scheduling): seq is ordered, in the waiting queue and for preemption,
+        as if it had arrived that many arrivals later."""
         assert seq.status is SequenceStatus.WAITING and seq.seq_id not in self.seqs
         assert seq.num_tokens < self.max_seq_len, "validation must reject prompts this long"
-        seq.arrival = next(self._arrivals)
+        seq.arrival = next(self._arrivals) + order_offset
         seq.stop_ids = frozenset(seq.sampling.stop_token_ids) | (
             frozenset() if seq.sampling.ignore_eos else self._eos_token_ids)
         self.seqs[seq.seq_id] = seq
-        self.waiting.append(seq)
         self.num_constrained += seq.grammar is not None
+        self.ordered = self.ordered or order_offset != 0
+        if self.ordered:
+            bisect.insort(self.waiting, seq, key=_arrival)  # ahead of lower-priority arrivals
+        else:
+            self.waiting.append(seq)
+
+    def remove_all(self) -> list[Sequence]:
+        """Takes every unfinished sequence out, in arrival order, waiting with no blocks or slot (for another
+        data plane to adopt); their slots are dropped in the next plan. Only with no step in flight."""
+        assert not self.in_flight, "a step in flight would still write to these sequences"
+        moved = len(self.running)
+        while self.running:
+            self._preempt(self.running.pop())
+        self.num_preemptions -= moved  # moved, not preempted for want of blocks
+        seqs = sorted(self.seqs.values(), key=_arrival)
+        self.waiting.clear()
+        self.seqs.clear()
+        self.num_constrained = 0  # their matchers go with them
+        return seqs
 
     def abort(self, seq_id: str) -> Sequence | None:
         seq = self.seqs.get(seq_id)
@@ -187,19 +215,14 @@ class Scheduler:
         sequence is preempted by recompute and waits again, with every other waiting one, in
         admission order; the prefix cache is emptied (its blocks' KV is gone). The tokens stay:
         re-prefilling them gives the data plane back what it held. Capacities may change
-        with a new data plane (the caller checked they still honour what was promised)."""
+        with a new data plane (the caller checked they still honour what was promised); the
+        slot table and the block manager start empty, so the preemptions' drops are not sent."""
         self.in_flight.clear()  # their results never come: the tokens are recomputed
         for seq in self.seqs.values():
             seq.num_pending_tokens = 0
         for seq in self.running:
-            self.block_manager.free(seq)
-            seq.status = SequenceStatus.WAITING
-            seq.num_computed_tokens = 0
-            seq.num_preemptions += 1  # so admission keeps its first prefix-cache hit for usage
-            seq.slot = None
-            seq.num_blocks_sent = 0
-            seq.last_token_on_device = False
-        self.waiting = deque(sorted([*self.running, *self.waiting], key=lambda s: s.arrival))
+            self._preempt(seq)  # counted, and kept for usage: its first prefix-cache hit stays
+        self.waiting = deque(sorted(self.waiting, key=lambda s: s.arrival))
         self.running = []
         cfg = self.config
         cfg.num_blocks = num_blocks or cfg.num_blocks
@@ -216,11 +239,10 @@ class Scheduler:
         while self.waiting and budget > 0 and self.slots.has_free():
             if self._waits_for_leader(self.waiting[0]) or self.waiting[0].num_pending_tokens:
                 break  # a step or two at most: the leader's prompt is being computed, or the token in flight comes
-            run = self._admit(self.waiting[0], budget)
-            if run is None:
+            num_tokens = self._admit(self.waiting[0], budget, runs)
+            if not num_tokens:
                 break  # the oldest waits for blocks; later arrivals must not overtake it
-            runs.add(run)
-            budget -= run.num_tokens
+            budget -= num_tokens
         if not runs:
             return None
         plan = self.plan_builder.build(self.slots.take_drops(), runs)
@@ -230,47 +252,23 @@ class Scheduler:
         return plan
 
     def _schedule_running(self, runs: StepRuns, budget: int) -> int:
-        """Gives each running sequence, in admission order, what it still needs; returns the budget left.
-
-        Most steps are all decodes that stay inside the sequence's last block: those are
-        appended to the run columns here, with what `_take` would record, and nothing else
-        (no blocks to take or register, no block writes, no prompt logprobs). Anything
-        else goes through `_take` (`fast_decodes` False sends everything there: tests)."""
-        block_size, max_seq_len, fast = self.config.block_size, self.max_seq_len, self.fast_decodes
-        slots, starts, num_tokens_col, flags, token_ids = (
-            runs.slots.append, runs.starts.append, runs.num_tokens.append, runs.flags.append, runs.token_ids.append)
+        """Gives each running sequence, in admission order, what it still needs; returns the budget left."""
+        block_size, max_seq_len = self.config.block_size, self.max_seq_len
         # a preemption pops from the end of running, the sequences this loop has not reached yet
         for seq in self.running:
             if budget <= 0:
                 break
-            ids, num_pending, start = seq.token_ids, seq.num_pending_tokens, seq.num_computed_tokens
-            num_tokens = len(ids) + num_pending
-            if num_pending and (num_tokens >= seq.max_num_tokens or num_tokens >= max_seq_len
-                                or seq.grammar is not None):
+            start = seq.num_computed_tokens
+            num_tokens = len(seq.token_ids) + seq.num_pending_tokens
+            if seq.num_pending_tokens and (num_tokens >= seq.max_num_tokens or num_tokens >= max_seq_len
+                                           or seq.grammar is not None):
                 continue  # a step in flight samples its last token by length, or the mask needs it
-            # a decode (start == num_tokens - 1) registers the block it fills when len(ids) is a multiple
-            # of block_size, and needs a new block when num_tokens is past the table's end (a running
-            # sequence's blocks were all sent with its earlier runs: check_invariants)
-            if (fast and start == num_tokens - 1 and len(ids) % block_size
-                    and num_tokens <= len(seq.block_table) * block_size and num_tokens <= max_seq_len):
-                seq.num_computed_tokens = num_tokens
-                seq.num_pending_tokens = num_pending + 1
-                slots(seq.slot)
-                starts(start)
-                num_tokens_col(1)
-                if num_pending or seq.last_token_on_device:
-                    flags(RUN_SAMPLE)
-                else:
-                    flags(RUN_SAMPLE | RUN_TOKENS_IN_PLAN)
-                    token_ids(ids[start])
-                budget -= 1
-                continue
             n = min(num_tokens - start, budget)
             assert n > 0, f"{seq.seq_id} is running with nothing to compute"
             # most decodes fit in the last block: only a block boundary asks the BlockManager
             if start + n > len(seq.block_table) * block_size and not self._reserve_or_preempt(seq, n):
                 break  # seq preempted itself; everything after it already was
-            runs.add(self._take(seq, n, is_new=False))
+            self._take(seq, n, runs, is_new=False)
             budget -= n
         return budget
 
@@ -311,7 +309,7 @@ class Scheduler:
         """Advances seq's matcher by its new token; True when that ended seq (the grammar is done)."""
         if not seq.grammar.accept(token):
             # the data plane samples inside the mask, so this is a bug or a vocabulary mismatch
-            log.error("grammar refused token %d of %s; ending the sequence", token, seq.seq_id)
+            log.error("grammar refused a sampled token; ending the sequence", token=token, seq_id=seq.seq_id)
             self.finish(seq, FinishReason.ABORT)
             return True
         if seq.grammar.is_terminated:  # it accepted a stop token (EOS, even under ignore_eos)
@@ -344,7 +342,10 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.ordered:
+            bisect.insort(self.waiting, seq, key=_arrival)
+        else:
+            self.waiting.appendleft(seq)
 
     @staticmethod
     def _waits_for_leader(seq: Sequence) -> bool:
@@ -353,38 +354,46 @@ class Scheduler:
         return (leader is not None and leader.status is SequenceStatus.RUNNING
                 and leader.num_computed_tokens < leader.num_prompt_tokens)
 
-    def _admit(self, seq: Sequence, budget: int) -> ScheduledRun | None:
+    def _admit(self, seq: Sequence, budget: int, runs: StepRuns) -> int:
+        """Admits seq with a first chunk into runs; returns its number of tokens, 0 when seq waits for blocks."""
         num_cached = 0 if seq.needs_prompt_logprobs else self.block_manager.allocate_prefix(seq)
         n = min(seq.num_tokens - num_cached, budget)
         if not self.block_manager.ensure_slots(seq, num_cached + n):
             if seq.block_table:
                 self.block_manager.free(seq)
-            return None
+            return 0
         self.waiting.popleft()
         if seq.num_preemptions == 0:
             seq.num_cached_prompt_tokens = num_cached
         seq.num_computed_tokens = num_cached
         seq.status = SequenceStatus.RUNNING
         self.slots.assign(seq)
-        self.running.append(seq)
-        return self._take(seq, n, is_new=True)
+        if self.ordered:
+            bisect.insort(self.running, seq, key=_arrival)
+        else:
+            self.running.append(seq)
+        return self._take(seq, n, runs, is_new=True)
 
-    def _take(self, seq: Sequence, n: int, is_new: bool) -> ScheduledRun:
+    def _take(self, seq: Sequence, n: int, runs: StepRuns, is_new: bool) -> int:
+        """Schedules seq's next n tokens into runs; returns n."""
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
         assert end <= self.max_seq_len
         # registered now, not after the step ran: a sequence admitted later in this same step
         # may hit these blocks, because the data plane writes a layer's KV for the whole
         # batch before any attention of that layer reads it. A block holding a pending
         # token waits for a later step: its hash needs the token's id.
-        known = min(end, len(seq.token_ids))
+        num_known = len(seq.token_ids)
+        known = end if end < num_known else num_known
         if n > 1 or known % self.config.block_size == 0:  # a decode fills a block at a boundary only
             self.block_manager.register_full_blocks(seq, known)
         seq.num_computed_tokens = end
-        samples = end == len(seq.token_ids) + seq.num_pending_tokens
+        num_pending = seq.num_pending_tokens
+        samples = end == num_known + num_pending
         # a decode of the token the data plane sampled at this slot (in flight, or the last appended) needs no id
-        on_device = n == 1 and samples and (seq.num_pending_tokens > 0 or seq.last_token_on_device)
-        seq.num_pending_tokens += samples
-        return ScheduledRun(seq, start, n, is_new, samples, on_device)
+        on_device = n == 1 and samples and (num_pending > 0 or seq.last_token_on_device)
+        seq.num_pending_tokens = num_pending + samples
+        runs.add(seq, start, n, is_new, samples, on_device)
+        return n
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         num_tokens = len(seq.token_ids)

@@ -9,35 +9,20 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 
+from proto.sampling_schema import options_dataclass, uses_penalties
 
-@dataclass(slots=True, frozen=True)
-class SamplingOptions:
-    """The user's sampling parameters, already validated by the API layer (docs/sampling.md)."""
 
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    seed: int | None = None
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: int | None = None  # top logprobs per sampled token; None = no logprobs
-    prompt_logprobs: int | None = None
-    n: int = 1
-    min_tokens: int = 0
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    # structured output: a compiled grammar (controlplane/structured); each sample gets its own matcher
-    structured_output: object | None = None
+class _SamplingOptionsMethods:
+    """The user's sampling parameters, already validated by the API layer: one field per option of
+    proto/sampling_schema.py, defaults filled in; max_tokens comes first (docs/sampling.md).
+    structured_output is what validation read (a StructuredOutputSpec) until the servicer swaps in
+    its compiled grammar (controlplane/structured/compiler.py); each sample gets its own matcher."""
+
+    __slots__ = ()
 
     @property
     def uses_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return uses_penalties(self.__getattribute__)
 
     def for_sample(self, index: int) -> "SamplingOptions":
         """The options of sample `index` of n: its own seed stream; prompt logprobs come with sample 0 only."""
@@ -45,6 +30,10 @@ class SamplingOptions:
             return self
         seed = None if self.seed is None else (self.seed + index) % 2**63
         return replace(self, seed=seed, prompt_logprobs=None)
+
+
+SamplingOptions = options_dataclass("SamplingOptions", _SamplingOptionsMethods, unset_is_none=False, frozen=True,
+                                    first=("max_tokens",))
 
 
 class SequenceStatus(enum.Enum):
@@ -80,7 +69,8 @@ class Sequence:
     num_blocks_sent: int = 0  # block-table entries the data plane holds for the current slot
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
-    arrival: int = -1  # admission order key, set by Scheduler.add
+    arrival: int = -1  # admission order key, set by Scheduler.add (priority scheduling shifts it)
+    priority: int = 0  # lower runs first (vLLM's meaning); used under --scheduling-policy priority
     request_id: str = ""  # empty: seq_id (a request of one sample)
     index: int = 0  # which of its request's n samples
     # sample 0 of the request when this is a later sample: the Scheduler admits it once the

@@ -9,7 +9,9 @@ off exponentially up to `max_backoff_s`. The requests wait up to `timeout_s` of 
 (`--dataplane-reconnect-timeout-s`); past it, or after a data plane that answers Describe
 broke the stream `max_breaks_without_progress` times without one step succeeding (a plan
 that crashes it each time), the Engine fails what it holds with UNAVAILABLE and refuses
-new requests at once until the data plane is back.
+new requests at once until the data plane is back. A control plane that a newer one fenced
+(DataPlaneClient.fenced) gives up at once and never reconnects: two control planes would
+otherwise take the data plane from each other in turn.
 """
 from __future__ import annotations
 
@@ -101,6 +103,8 @@ class DataPlaneReconnector:
                 or self._breaks_without_progress >= self.max_breaks_without_progress)
 
     def give_up_message(self) -> str:
+        if self.dataplane.fenced:
+            return self.unavailable_message()
         if self._breaks_without_progress >= self.max_breaks_without_progress:
             return (f"the data plane at {self.dataplane.target} broke the step stream "
                     f"{self._breaks_without_progress + 1} times in a row without completing a step "
@@ -108,6 +112,9 @@ class DataPlaneReconnector:
         return self.unavailable_message()
 
     def unavailable_message(self) -> str:
+        if self.dataplane.fenced:
+            return (f"this control plane no longer drives the data plane at {self.dataplane.target}: "
+                    f"{self.dataplane.fenced.removeprefix('fenced: ')}")
         return (f"the data plane at {self.dataplane.target} has been unavailable for longer than "
                 f"--dataplane-reconnect-timeout-s ({self.timeout_s:g} s): {self.reason}; retry later")
 
@@ -116,7 +123,7 @@ class DataPlaneReconnector:
 
     def attempt(self):
         """One reconnect attempt if one is due; the new data plane's DataPlaneInfo once a stream is open, else None."""
-        if self.connected or self.seconds_to_next_attempt() > 0:
+        if self.connected or self.seconds_to_next_attempt() > 0 or self.dataplane.fenced:
             return None
         self._attempt += 1
         self._next_attempt_s = time.monotonic() + self.backoff.delay_s(self._attempt)

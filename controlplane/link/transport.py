@@ -19,6 +19,14 @@ class DataPlaneUnavailable(RuntimeError):
     """The data plane cannot be reached or its step stream broke."""
 
 
+class DataPlaneRefused(DataPlaneUnavailable):
+    """The data plane answered and refused this control plane's credential (UNAUTHENTICATED)."""
+
+
+class DataPlaneFenced(DataPlaneUnavailable):
+    """A newer control plane took the data plane's step session (proto/dataplane_access.py): stop driving it."""
+
+
 class StepStream(Protocol):
     name: str
 
@@ -29,7 +37,15 @@ class StepStream(Protocol):
     def send(self, plan: StepPlan) -> None: ...
 
     def receive(self) -> StepResult:
-        """The next result in plan order; raises DataPlaneUnavailable when the stream or the peer is gone."""
+        """The next result in plan order; raises DataPlaneUnavailable when the stream or the peer is gone,
+        DataPlaneFenced when a newer control plane took the session."""
+
+    def fence_message(self) -> str:
+        """Of a stream that is broken: the data plane's message when a newer control plane fenced it, else ""."""
+
+    def abort(self, reason: str) -> None:
+        """From another thread (controlplane/link/liveness.py): a receive() that waits raises
+        DataPlaneUnavailable(reason) soon."""
 
     def close(self) -> None: ...
 

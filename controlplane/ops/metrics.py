@@ -1,173 +1,160 @@
-"""A small Prometheus registry: counters, gauges and histograms, rendered in the text exposition format 0.0.4,
-and the HTTP endpoint that serves them (`GET /metrics`).
+"""The control plane's Prometheus metrics on prometheus_client, and the HTTP endpoint that serves them
+(`GET /metrics`, behind bearer tokens when --metrics-auth-token-file is given).
 
-Written here rather than taken from prometheus_client because the control plane needs
-only this much. Writers (the engine thread) and the scraper (the HTTP thread) share a
-lock per metric, so a scrape never sees a histogram's count without its sum.
+Metrics carries the constant labels (model_name) that every series has, which
+prometheus_client leaves to each metric's labels. Values that another object already
+keeps (the scheduler's queue lengths, its preemption count) are read at scrape time, so
+they can never be stale.
 """
 from __future__ import annotations
 
-import bisect
-import math
+import copy
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import ThreadingMixIn
 from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
+from prometheus_client.metrics_core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
+from controlplane.ops.auth import BearerTokens
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(pairs: dict[str, str]) -> str:
-    if not pairs:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in pairs.items()) + "}"
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if isinstance(value, float) and not value.is_integer() else str(int(value))
+# `_created` series would double every counter and histogram for a start timestamp no dashboard of ours reads
+prometheus_client.disable_created_metrics()
 
 
-class _Metric:
-    kind = ""
+class LabelledCounter:
+    """A counter with labels beyond the constant ones: `.labels(finished_reason="stop").inc()`."""
 
-    def __init__(self, name: str, help_text: str, label_names: tuple[str, ...] = ()):
-        self.name = name
-        self.help = help_text
-        self.label_names = label_names
+    def __init__(self, counter: Counter, const_labels: dict[str, str]):
+        self._counter, self._const = counter, const_labels
+
+    def labels(self, **labels: str):
+        return self._counter.labels(**self._const, **labels)
+
+
+class _CounterReader(Collector):
+    """A counter that other objects keep (plain ints they increment), read at scrape time: one read per label
+    set (one per data plane, say)."""
+
+    def __init__(self, name: str, help_text: str, label_names: tuple[str, ...]):
+        self.name, self.help, self.label_names = name, help_text, label_names
+        self.reads: dict[tuple[str, ...], Callable[[], float]] = {}
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.help, labels=list(self.label_names))
+
+    def describe(self):
+        return [self._family()]
+
+    def collect(self):
+        family = self._family()
+        for values, read in list(self.reads.items()):
+            family.add_metric(list(values), read())
+        yield family
+
+
+class Metrics:
+    """A prometheus_client registry whose every series carries `const_labels`. `labelled(labels)` is a view
+    of the same registry whose series carry those labels too (one series per data plane under one name)."""
+
+    def __init__(self, const_labels: dict[str, str] | None = None):
+        self.registry = CollectorRegistry()
+        self.const_labels = dict(const_labels or {})
+        self._families: dict[str, tuple[str, tuple[str, ...], object]] = {}  # name -> (kind, label names, metric)
         self._lock = threading.Lock()
 
-    def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
-        if set(labels) != set(self.label_names):
-            raise ValueError(f"{self.name} takes labels {self.label_names}, got {tuple(labels)}")
-        return tuple(str(labels[n]) for n in self.label_names)
+    def labelled(self, labels: dict[str, str]) -> "Metrics":
+        view = copy.copy(self)  # the registry, families and lock are shared
+        view.const_labels = {**self.const_labels, **labels}
+        return view
 
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-    def samples(self, const: dict[str, str]) -> list[str]:
-        raise NotImplementedError
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str, label_names: tuple[str, ...] = ()):
-        super().__init__(name, help_text, label_names)
-        self._values: dict[tuple[str, ...], float] = {} if label_names else {(): 0.0}
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        if amount < 0:
-            raise ValueError(f"counter {self.name} cannot go down")
-        key = self._key(labels)
+    def _family(self, name: str, kind: str, label_names: tuple[str, ...], make: Callable[[], object]):
         with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def samples(self, const: dict[str, str]) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [f"{self.name}{_labels({**const, **dict(zip(self.label_names, key))})} {_number(v)}"
-                for key, v in items]
-
-
-class Gauge(_Metric):
-    """A gauge read from `read()` at scrape time, so it can never be stale."""
-
-    kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, read: Callable[[], float]):
-        super().__init__(name, help_text)
-        self.read = read
-
-    def samples(self, const: dict[str, str]) -> list[str]:
-        return [f"{self.name}{_labels(const)} {_number(self.read())}"]
-
-
-class CounterReader(Gauge):
-    """A counter that another object keeps (a plain int it increments), read at scrape time."""
-
-    kind = "counter"
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]):
-        super().__init__(name, help_text)
-        if list(buckets) != sorted(set(buckets)):
-            raise ValueError(f"{name}: buckets must increase strictly")
-        self.buckets = tuple(buckets)
-        self._counts = [0] * (len(buckets) + 1)  # the last one is +Inf
-        self._sum = 0.0
-
-    def observe(self, value: float) -> None:
-        i = bisect.bisect_left(self.buckets, value)
-        with self._lock:
-            self._counts[i] += 1
-            self._sum += value
-
-    @property
-    def count(self) -> int:
-        return sum(self._counts)
-
-    def samples(self, const: dict[str, str]) -> list[str]:
-        with self._lock:
-            counts, total = list(self._counts), self._sum
-        lines, cumulative = [], 0
-        for bound, n in zip((*self.buckets, math.inf), counts):
-            cumulative += n
-            lines.append(f"{self.name}_bucket{_labels({**const, 'le': _number(bound)})} {cumulative}")
-        lines.append(f"{self.name}_sum{_labels(const)} {_number(total)}")
-        lines.append(f"{self.name}_count{_labels(const)} {cumulative}")
-        return lines
-
-
-class Registry:
-    def __init__(self, const_labels: dict[str, str] | None = None):
-        self.const_labels = dict(const_labels or {})
-        self._metrics: list[_Metric] = []
-
-    def add(self, metric):
-        if any(m.name == metric.name for m in self._metrics):
-            raise ValueError(f"metric {metric.name} is registered twice")
-        self._metrics.append(metric)
+            if name not in self._families:
+                self._families[name] = (kind, label_names, make())
+            known_kind, known_labels, metric = self._families[name]
+        if (known_kind, known_labels) != (kind, label_names):
+            raise ValueError(f"metric {name} is registered as a {known_kind} of labels {known_labels} and as a "
+                             f"{kind} of labels {label_names}")
         return metric
 
+    def counter(self, name: str, help_text: str, label_names: tuple[str, ...] = ()):
+        """`name` ends in _total, as exposed. Without label_names, the counter itself (`.inc()`)."""
+        names = (*self.const_labels, *label_names)
+        counter = self._family(name, "counter", names,
+                               lambda: Counter(name, help_text, names, registry=self.registry))
+        if label_names:
+            return LabelledCounter(counter, self.const_labels)
+        return counter.labels(**self.const_labels)
+
+    def histogram(self, name: str, help_text: str, buckets: tuple[float, ...]):
+        names = tuple(self.const_labels)
+        histogram = self._family(name, "histogram", names,
+                                 lambda: Histogram(name, help_text, names, registry=self.registry, buckets=buckets))
+        return histogram.labels(**self.const_labels)
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """A gauge read from `read()` at scrape time."""
+        names = tuple(self.const_labels)
+        gauge = self._family(name, "gauge", names, lambda: Gauge(name, help_text, names, registry=self.registry))
+        gauge.labels(**self.const_labels).set_function(read)
+
+    def counter_reader(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        names = tuple(self.const_labels)
+
+        def make() -> _CounterReader:
+            reader = _CounterReader(name, help_text, names)
+            self.registry.register(reader)
+            return reader
+
+        self._family(name, "counter_reader", names, make).reads[tuple(self.const_labels.values())] = read
+
     def render(self) -> str:
-        lines: list[str] = []
-        for metric in self._metrics:
-            lines += metric.header() + metric.samples(self.const_labels)
-        return "\n".join(lines) + "\n"
+        """The text exposition format, as /metrics serves it."""
+        return generate_latest(self.registry).decode()
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args):  # scrapes every few seconds would flood the log
+        pass
+
+
+UNAUTHORIZED = b"this endpoint requires a bearer token: send the header `Authorization: Bearer <token>`\n"
+NOT_FOUND = b"only /metrics is served here\n"
+
+
+def metrics_app(registry: CollectorRegistry, tokens: list[str]):
+    """prometheus_client's WSGI app at /metrics alone, behind `tokens` when there are any."""
+    exposition = make_wsgi_app(registry)
+    checker = BearerTokens(tokens) if tokens else None
+
+    def app(environ, start_response):
+        def reply(status: str, body: bytes, headers: list[tuple[str, str]] = ()):
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8"), *headers])
+            return [body]
+
+        if environ.get("PATH_INFO") != "/metrics":
+            return reply("404 Not Found", NOT_FOUND)
+        if checker is not None and checker.problem(environ.get("HTTP_AUTHORIZATION", "")) is not None:
+            return reply("401 Unauthorized", UNAUTHORIZED, [("WWW-Authenticate", "Bearer")])
+        return exposition(environ, start_response)
+
+    return app
 
 
 class MetricsServer:
-    """Serves registry.render() at GET /metrics on its own daemon thread."""
+    """Serves metrics at GET /metrics on its own daemon thread."""
 
-    def __init__(self, registry: Registry, host: str, port: int):
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path.split("?", 1)[0] != "/metrics":
-                    self.send_error(404, "only /metrics is served here")
-                    return
-                body = registry.render().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # scrapes every few seconds would flood the log
-                pass
-
-        self._http = ThreadingHTTPServer((host, port), Handler)
-        self._http.daemon_threads = True
+    def __init__(self, metrics: Metrics, host: str, port: int, tokens: list[str] | None = None):
+        self._http = make_server(host, port, metrics_app(metrics.registry, tokens or []), _ThreadingWSGIServer,
+                                 handler_class=_QuietHandler)
         self.port = self._http.server_address[1]
         self._thread = threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True)
 

@@ -24,12 +24,14 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 class Readiness:
     def __init__(self, health_servicer: health.aio.HealthServicer, services: tuple[str, ...],
-                 dataplane_channel: grpc.Channel, dataplane_target: str,
+                 dataplane_channel: grpc.Channel | Callable[[], list[grpc.Channel]], dataplane_target: str,
                  engine_connected: Callable[[], bool] = lambda: True):
+        """dataplane_channel: the data plane's channel, or a function giving every data plane's (serving while
+        any of them answers and engine_connected says some engine takes work)."""
         self._engine_connected = engine_connected
         self._health = health_servicer
         self._services = services
-        self._probe = health_pb2_grpc.HealthStub(dataplane_channel)
+        self._channels = dataplane_channel if callable(dataplane_channel) else lambda: [dataplane_channel]
         self._target = dataplane_target
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher: asyncio.Task | None = None
@@ -86,8 +88,11 @@ class Readiness:
             await self._health.set(name, status)
 
     def _dataplane_answers(self, timeout_s: float) -> bool:
+        return any(self._answers(channel, timeout_s) for channel in self._channels())
+
+    def _answers(self, channel: grpc.Channel, timeout_s: float) -> bool:
         try:
-            reply = self._probe.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         except grpc.RpcError as e:
             self._last_error = f"{e.code().name}: {e.details()}"
             return False

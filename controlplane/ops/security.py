@@ -10,6 +10,7 @@ import grpc
 
 from controlplane.ops.auth import token_file_problem
 from controlplane.config import ControlPlaneConfig
+from proto.dataplane_access import token_file_problem as dataplane_token_file_problem
 from proto.transport import MIN_PING_INTERVAL_S, check_pem_file, client_options, read_pem, server_options
 
 # The public API pings idle clients this often, so a vanished client's streams are cancelled
@@ -34,10 +35,19 @@ def config_problems(config: ControlPlaneConfig) -> list[str]:
         problem = path and check_pem_file(path, flag, kind)
         if problem:
             problems.append(problem)
-    if config.auth_token_file:
-        problem = token_file_problem(config.auth_token_file)
+    for flag, path in (("--auth-token-file", config.auth_token_file),
+                       ("--metrics-auth-token-file", config.metrics_auth_token_file)):
+        problem = path and token_file_problem(path, flag)
         if problem:
             problems.append(problem)
+    if config.metrics_auth_token_file and not config.metrics_port:
+        problems.append("--metrics-auth-token-file needs --metrics-port")
+    if config.dataplane_token_file not in ("auto", ""):
+        problem = dataplane_token_file_problem(config.dataplane_token_file, "--dataplane-token-file")
+        if problem:
+            problems.append(problem)
+    if config.admin_token_file and (problem := token_file_problem(config.admin_token_file, "--admin-token-file")):
+        problems.append(problem)
     for flag, port in (("--health-port", config.health_port), ("--metrics-port", config.metrics_port)):
         if not 0 <= port < 65536:
             problems.append(f"{flag} must be in [0, 65535], got {port}")
@@ -67,8 +77,17 @@ def public_server_credentials(config: ControlPlaneConfig) -> grpc.ServerCredenti
     return grpc.ssl_server_credentials([(read_pem(config.tls_key), read_pem(config.tls_cert))])
 
 
+def max_pending_calls(config: ControlPlaneConfig) -> int:
+    """Calls gRPC core may hold before the servicer takes them. Past its default of 1,000 it cancels the excess
+    with a bare CANCELLED (a burst of 1,500 lost ~50), so allow a burst of several times --max-waiting-requests,
+    which admission control then answers with RESOURCE_EXHAUSTED, counted."""
+    return max(1000, 4 * config.max_waiting_requests)
+
+
 def public_server_options(config: ControlPlaneConfig) -> list[tuple[str, int]]:
-    return server_options(config.max_message_bytes, PUBLIC_KEEPALIVE_S, PUBLIC_KEEPALIVE_TIMEOUT_S)
+    return server_options(config.max_message_bytes, PUBLIC_KEEPALIVE_S, PUBLIC_KEEPALIVE_TIMEOUT_S) + [
+        ("grpc.server.max_pending_requests", max_pending_calls(config)),
+        ("grpc.server.max_pending_requests_hard_limit", 3 * max_pending_calls(config))]
 
 
 def dataplane_tls_enabled(config: ControlPlaneConfig) -> bool:

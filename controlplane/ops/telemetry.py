@@ -15,7 +15,7 @@ import structlog
 
 from controlplane.serving.engine import RequestOutput
 from controlplane.serving.engine_observer import EngineObserver
-from controlplane.ops.metrics import Counter, CounterReader, Gauge, Histogram, Registry
+from controlplane.ops.metrics import Metrics
 from controlplane.core.scheduler import Scheduler
 from controlplane.core.sequence import Sequence
 from proto.step import StepPlan
@@ -50,7 +50,7 @@ class _Timing:
 
 
 class EngineTelemetry(EngineObserver):
-    def __init__(self, scheduler: Scheduler, registry: Registry,
+    def __init__(self, scheduler: Scheduler, registry: Metrics,
                  on_dataplane_lost: Callable[[str], None] = lambda message: None,
                  on_dataplane_back: Callable[[], None] = lambda: None):
         self.scheduler = scheduler
@@ -62,49 +62,61 @@ class EngineTelemetry(EngineObserver):
         self._slot_owner: dict[int, tuple[str, int]] = {}
         self._define_metrics(registry)
 
-    def _define_metrics(self, r: Registry) -> None:
+    def _define_metrics(self, r: Metrics) -> None:
         s, blocks = self.scheduler, self.scheduler.block_manager
-        r.add(Gauge("nanoplane:num_requests_running", "Requests holding a batch slot.", lambda: s.num_running))
-        r.add(Gauge("nanoplane:num_requests_waiting", "Requests waiting for a slot or KV blocks.",
-                    lambda: s.num_waiting))
-        r.add(Gauge("nanoplane:kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).",
-                    lambda: 1.0 - blocks.num_free_blocks / blocks.num_blocks))
-        r.add(CounterReader("nanoplane:num_preemptions_total", "Sequences preempted (by recompute) since start.",
-                            lambda: s.num_preemptions))
-        r.add(CounterReader("nanoplane:discarded_tokens_total",
-                            "Tokens sampled one step ahead for a sequence that had stopped or was aborted; "
-                            "never sent to a client.", lambda: s.num_discarded_tokens))
-        self.prefix_queries = r.add(Counter("nanoplane:prefix_cache_queries_total",
-                                            "Tokens looked up in the prefix cache when a sequence was admitted."))
-        self.prefix_hits = r.add(Counter("nanoplane:prefix_cache_hits_total",
-                                         "Tokens found in the prefix cache when a sequence was admitted."))
-        self.prompt_tokens = r.add(Counter("nanoplane:prompt_tokens_total", "Prompt tokens of admitted requests."))
-        self.generation_tokens = r.add(Counter("nanoplane:generation_tokens_total", "Tokens generated."))
-        self.request_success = r.add(Counter("nanoplane:request_success_total",
-                                             "Requests finished, by finish reason.", ("finished_reason",)))
-        self.request_failure = r.add(Counter("nanoplane:request_failure_total",
-                                             "Requests failed by an error (the data plane away past the "
-                                             "reconnect timeout, an internal error)."))
-        self.dataplane_losses = r.add(Counter("nanoplane:dataplane_losses_total",
-                                              "Times the step stream to the data plane broke."))
-        self.dataplane_reconnects = r.add(Counter("nanoplane:dataplane_reconnects_total",
-                                                  "Times a new step stream was opened after a loss."))
-        self.ttft = r.add(Histogram("nanoplane:time_to_first_token_seconds",
-                                    "Time from arrival to the first generated token.", TTFT_BUCKETS))
-        self.tpot = r.add(Histogram("nanoplane:time_per_output_token_seconds",
-                                    "Mean time per generated token after the first, per request.", TPOT_BUCKETS))
-        self.e2e = r.add(Histogram("nanoplane:e2e_request_latency_seconds",
-                                   "Time from arrival to the last output.", REQUEST_BUCKETS))
-        self.queue_time = r.add(Histogram("nanoplane:request_queue_time_seconds",
-                                          "Time from arrival to the first step that runs the request.",
-                                          REQUEST_BUCKETS))
-        self.step_duration = r.add(Histogram("nanoplane:step_duration_seconds",
-                                             "Data-plane round trip of one step (send plan, run, receive result).",
-                                             STEP_BUCKETS))
+        r.gauge("nanoplane:num_requests_running", "Requests holding a batch slot.", lambda: s.num_running)
+        r.gauge("nanoplane:num_requests_waiting", "Requests waiting for a slot or KV blocks.",
+                lambda: s.num_waiting)
+        r.gauge("nanoplane:kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).",
+                lambda: 1.0 - blocks.num_free_blocks / blocks.num_blocks)
+        r.counter_reader("nanoplane:num_preemptions_total", "Sequences preempted (by recompute) since start.",
+                         lambda: s.num_preemptions)
+        r.counter_reader("nanoplane:discarded_tokens_total",
+                         "Tokens sampled one step ahead for a sequence that had stopped or was aborted; "
+                         "never sent to a client.", lambda: s.num_discarded_tokens)
+        r.counter_reader("nanoplane:grammar_bitmask_seconds_total",
+                         "Seconds the engine thread spent filling structured output's token bitmasks.",
+                         lambda: s.bitmask_filler.total_s)
+        r.counter_reader("nanoplane:grammar_bitmask_rows_total",
+                         "Token bitmasks filled for constrained rows (one per constrained sampled token).",
+                         lambda: s.bitmask_filler.num_rows)
+        self.prefix_queries = r.counter("nanoplane:prefix_cache_queries_total",
+                                        "Tokens looked up in the prefix cache when a sequence was admitted.")
+        self.prefix_hits = r.counter("nanoplane:prefix_cache_hits_total",
+                                     "Tokens found in the prefix cache when a sequence was admitted.")
+        self.prompt_tokens = r.counter("nanoplane:prompt_tokens_total", "Prompt tokens of admitted requests.")
+        self.generation_tokens = r.counter("nanoplane:generation_tokens_total", "Tokens generated.")
+        self.request_success = r.counter("nanoplane:request_success_total",
+                                         "Requests finished, by finish reason.", ("finished_reason",))
+        self.request_failure = r.counter("nanoplane:request_failure_total",
+                                         "Requests failed by an error (the data plane away past the "
+                                         "reconnect timeout, an internal error).")
+        self.dataplane_losses = r.counter("nanoplane:dataplane_losses_total",
+                                          "Times the step stream to the data plane broke.")
+        self.dataplane_reconnects = r.counter("nanoplane:dataplane_reconnects_total",
+                                              "Times a new step stream was opened after a loss.")
+        self.ttft = r.histogram("nanoplane:time_to_first_token_seconds",
+                                "Time from arrival to the first generated token.", TTFT_BUCKETS)
+        self.tpot = r.histogram("nanoplane:time_per_output_token_seconds",
+                                "Mean time per generated token after the first, per request.", TPOT_BUCKETS)
+        self.e2e = r.histogram("nanoplane:e2e_request_latency_seconds",
+                               "Time from arrival to the last output.", REQUEST_BUCKETS)
+        self.queue_time = r.histogram("nanoplane:request_queue_time_seconds",
+                                      "Time from arrival to the first step that runs the request.",
+                                      REQUEST_BUCKETS)
+        self.step_duration = r.histogram("nanoplane:step_duration_seconds",
+                                         "Data-plane round trip of one step (send plan, run, receive result).",
+                                         STEP_BUCKETS)
 
     # --- EngineObserver ------------------------------------------------------------
     def request_added(self, request_id: str, num_samples: int) -> None:
         self._timings[request_id] = _Timing(arrival_s=time.monotonic(), num_unfinished=num_samples)
+
+    def request_adopted(self, request_id: str, num_unfinished: int) -> None:
+        # its first token and queue time were counted where it started; only what is left is counted here
+        now = time.monotonic()
+        self._timings[request_id] = _Timing(arrival_s=now, num_unfinished=num_unfinished, scheduled_s=now,
+                                            first_token_s=now)
 
     def step_done(self, plan: StepPlan, duration_s: float, seq_at_slot: list[Sequence | None]) -> None:
         now = time.monotonic()
@@ -142,7 +154,7 @@ class EngineTelemetry(EngineObserver):
             sample.num_tokens += len(output.token_ids)
             self.generation_tokens.inc(len(output.token_ids))
         if output.finish_reason is not None:
-            self.request_success.inc(finished_reason=output.finish_reason)
+            self.request_success.labels(finished_reason=output.finish_reason).inc()
             sample = timing.samples.get(output.index)
             if sample is not None and sample.num_tokens > 1:
                 self.tpot.observe((sample.last_token_s - sample.first_token_s) / (sample.num_tokens - 1))
@@ -154,7 +166,7 @@ class EngineTelemetry(EngineObserver):
     def request_dropped(self, request_id: str, reason: str) -> None:
         timing = self._timings.pop(request_id, None)
         if reason == "abort":
-            self.request_success.inc(finished_reason="abort")
+            self.request_success.labels(finished_reason="abort").inc()
             if timing is not None:
                 self.e2e.observe(time.monotonic() - timing.arrival_s)
         else:

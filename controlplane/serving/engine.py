@@ -15,10 +15,12 @@ When the step stream breaks, nothing is failed: the scheduler re-queues every se
 for recompute (`Scheduler.reset_dataplane`), and the loop reconnects through
 `reconnect.DataPlaneReconnector` while it goes on taking requests and aborts; clients see
 a pause. Only past the reconnect timeout do the requests held fail, with UNAVAILABLE.
+Behind a Router (several data planes, router.py), a lost engine hands its requests to
+the Router at once instead (`fleet.rehome`), which places them on the data planes that
+still answer; this engine then reconnects empty and rejoins.
 """
 from __future__ import annotations
 
-import asyncio
 import itertools
 import operator
 import queue
@@ -33,6 +35,9 @@ from controlplane.link.dataplane_client import DataPlaneClient, DataPlaneUnavail
 from controlplane.serving.detokenizer import BatchDetokenizer, IncrementalDetokenizer
 from controlplane.serving.engine_observer import EngineObserver
 from controlplane.serving.logprobs import PositionLogprobs, prompt_logprobs, sampled_logprobs
+from controlplane.serving.outputs import Deliveries, EngineFailure, OutputStream, RequestOutput, Usage
+
+__all__ = ["Engine", "EngineFailure", "OutputStream", "RequestOutput", "Usage"]
 from controlplane.link.reconnect import DataPlaneReconnector
 from controlplane.core.scheduler import Scheduler
 from controlplane.core.sequence import FinishReason, SamplingOptions, Sequence, new_samples
@@ -41,82 +46,6 @@ from proto.step import StepResult
 
 log = structlog.get_logger("controlplane.serving.engine")
 _request_id = operator.attrgetter("request_id")
-
-
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """One streamed delta of a request's sample; the sample's last one has finish_reason and usage."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    index: int = 0  # which of the request's n samples
-    logprobs: list[PositionLogprobs] | None = None  # one per token id, when asked for
-    prompt_logprobs: list[PositionLogprobs] | None = None  # on sample 0's first delta(s), when asked for
-
-
-@dataclass(slots=True)
-class EngineFailure:
-    """Delivered instead of a RequestOutput when the request cannot go on."""
-
-    message: str
-    code: str = "UNAVAILABLE"  # the name of the grpc.StatusCode the API answers with
-
-
-class OutputStream:
-    """Carries a request's outputs from the engine thread to the asyncio task serving it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
-        self._loop = loop
-        self._queue: asyncio.Queue | queue.Queue = asyncio.Queue() if loop else queue.Queue()
-
-    def put(self, item: RequestOutput | EngineFailure) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        else:
-            self._queue.put_nowait(item)
-
-    async def get(self) -> RequestOutput | EngineFailure:
-        return await self._queue.get()
-
-    def get_blocking(self, timeout: float | None = None) -> RequestOutput | EngineFailure:
-        return self._queue.get(timeout=timeout)
-
-
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
-
-
-class Deliveries:
-    """Outputs held until flush(), then handed to each event loop with one call_soon_threadsafe (a
-    wake-up of the loop's thread each) instead of one per output: a step of 256 sequences costs one."""
-
-    def __init__(self) -> None:
-        self._by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
-
-    def put(self, stream: OutputStream, item: RequestOutput) -> None:
-        loop = stream._loop
-        if loop is None:
-            stream.put(item)
-        elif (items := self._by_loop.get(loop)) is not None:
-            items.append((stream._queue, item))
-        else:
-            self._by_loop[loop] = [(stream._queue, item)]
-
-    def flush(self) -> None:
-        for loop, items in self._by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
-        self._by_loop.clear()
 
 
 @dataclass(slots=True)
@@ -139,7 +68,7 @@ class _Request:
 
 class Engine:
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, dataplane: DataPlaneClient,
-                 reconnector: DataPlaneReconnector, overlap: bool = True):
+                 reconnector: DataPlaneReconnector, overlap: bool = True, priority_aging_requests: int = 0):
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.dataplane = dataplane
@@ -157,6 +86,9 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.num_steps = 0
         self.observer = EngineObserver()  # metrics, slot logs and health replace it
+        self.fleet = None  # the Router when there are several data planes (rehome, request_ended)
+        self.priority_aging_requests = priority_aging_requests  # 0 = fcfs (Sequence.priority ignored)
+        self._evacuating = False  # drain --move: finish the steps in flight, then hand every request over
 
     # --- called from other threads -------------------------------------------------
     def start(self) -> None:
@@ -181,9 +113,23 @@ class Engine:
         return f"req-{next(self._ids)}-{time.time_ns() % 10**9:09d}"
 
     def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingOptions,
-               stream: OutputStream) -> None:
-        self._inbox.put(("add", request_id, prompt_token_ids, sampling, stream))
+               stream: OutputStream, priority: int = 0) -> None:
+        self._inbox.put(("add", request_id, prompt_token_ids, sampling, stream, priority))
         self._wakeup.set()
+
+    def adopt(self, request: "_Request") -> None:
+        """Takes over a request another engine gave up (its data plane left): its tokens are re-prefilled here."""
+        self._inbox.put(("adopt", request))
+        self._wakeup.set()
+
+    def evacuate(self) -> None:
+        """Hands every request to the fleet once the steps in flight are back (drain with --move)."""
+        self._inbox.put(("evacuate",))
+        self._wakeup.set()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -203,7 +149,7 @@ class Engine:
                 self._deliveries.flush()  # abort_all's last outputs
                 return
             if item[0] == "add":
-                _, request_id, prompt_ids, sampling, stream = item
+                _, request_id, prompt_ids, sampling, stream, priority = item
                 if request_id in self._requests:
                     stream.put(EngineFailure(f"request id {request_id!r} is already in use", "ALREADY_EXISTS"))
                     continue
@@ -213,21 +159,58 @@ class Engine:
                 request = self._new_request(request_id, prompt_ids, sampling, stream)
                 self._requests[request_id] = request
                 for seq in request.seqs:
-                    self.scheduler.add(seq)
+                    seq.priority = priority
+                    self._add_seq(seq)
                 self.observer.request_added(request_id, len(request.seqs))
+            elif item[0] == "adopt":
+                request = item[1]
+                self._requests[request.request_id] = request
+                for seq in request.seqs:
+                    if not seq.is_finished:
+                        self._add_seq(seq)
+                self.observer.request_adopted(request.request_id, request.num_unfinished)
+            elif item[0] == "evacuate":
+                self._evacuating = True
             elif item[0] == "abort_all":
                 for request_id, request in list(self._requests.items()):
                     for seq, detok in zip(request.seqs, request.detokenizers):
                         if self.scheduler.abort(seq.seq_id) is not None:
                             self._send(request, RequestOutput(request_id, detok.finish(), [], FinishReason.ABORT.value,
                                                               self._usage(seq), seq.index))
-                self._requests.clear()
+                self._ended_all()
             else:
                 # the caller is gone (cancelled or deadline): free the blocks, tell no one
                 request = self._requests.pop(item[1], None)
                 if request is not None:
                     self._abort_samples(request)
                     self.observer.request_dropped(item[1], FinishReason.ABORT.value)
+                    self._ended(item[1])
+
+    def _add_seq(self, seq: Sequence) -> None:
+        # priority order: as if it arrived `priority` × aging later, so later arrivals overtake it boundedly
+        self.scheduler.add(seq, seq.priority * self.priority_aging_requests)
+
+    def _ended(self, request_id: str) -> None:
+        if self.fleet is not None:
+            self.fleet.request_ended(request_id)
+
+    def _ended_all(self) -> None:
+        for request_id in list(self._requests):
+            self._ended(request_id)
+        self._requests.clear()
+
+    def take_requests(self) -> list[_Request]:
+        """Every request, out of this engine (engine thread, no step in flight): their sequences wait
+        with no blocks, ready to be adopted by another engine."""
+        assert not self.scheduler.in_flight, "steps in flight still write to these sequences"
+        self.scheduler.remove_all()
+        requests, self._requests = list(self._requests.values()), {}
+        self.num_running_requests = 0
+        return requests
+
+    def _rehome(self) -> bool:
+        """Hands every request to the fleet's other data planes; False when none would take them."""
+        return self.fleet is not None and bool(self._requests) and self.fleet.rehome(self)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -235,6 +218,9 @@ class Engine:
             if not self.reconnector.connected:
                 self._reconnect()
                 continue
+            if self._evacuating and not self.scheduler.in_flight:
+                self._evacuating = False
+                self._rehome()
             if not self.scheduler.has_unfinished() and not self.scheduler.in_flight:
                 self._wakeup.wait(0.5)
                 self._wakeup.clear()
@@ -255,12 +241,19 @@ class Engine:
         self.num_running_requests = 0
         self.reconnector.lost(reason)
         self.observer.dataplane_lost(reason)
+        self._evacuating = False
+        if self._rehome():
+            log.warning("data plane lost: its requests moved to the other data planes", reason=reason,
+                        dataplane=self.dataplane.target)
+            return
         log.warning("data plane lost: holding the requests and reconnecting", reason=reason,
                     num_requests=len(self._requests), timeout_s=self.reconnector.timeout_s)
 
     def _reconnect(self) -> None:
         """One pass of the loop while the data plane is away: give up on the requests past the timeout,
         else try to reconnect when the backoff says so, else wait (new requests and aborts wake it)."""
+        if self._requests and self._rehome():
+            return  # another data plane came up meanwhile
         if self._requests and self.reconnector.should_give_up():
             self._fail_all(self.reconnector.give_up_message())
             self.reconnector.gave_up()
@@ -277,7 +270,7 @@ class Engine:
     def step(self) -> None:
         """Plans and sends a step, then takes back the oldest result; with overlap, while a plan was sent
         this step, the one before it stays in flight (so the data plane never waits for this thread)."""
-        plan = self.scheduler.schedule()
+        plan = None if self._evacuating else self.scheduler.schedule()
         if plan is not None:
             self.dataplane.send(plan)
             self._sent_s.append(time.monotonic())
@@ -341,6 +334,7 @@ class Engine:
             request.num_unfinished -= 1
             if request.num_unfinished == 0:
                 del self._requests[request.request_id]
+                self._ended(request.request_id)
         else:
             self._send(request, RequestOutput(request.request_id, text, [token], index=seq.index,
                                               logprobs=logprobs, prompt_logprobs=prompt_lps))
@@ -372,7 +366,7 @@ class Engine:
             self._abort_samples(request)
             request.stream.put(EngineFailure(message, code))
             self.observer.request_dropped(request_id, "error")
-        self._requests.clear()
+        self._ended_all()
         self._close_stream()
         self.scheduler.reset_dataplane()  # the next stream starts from an empty batch: no drops to announce
         self.num_running_requests = 0

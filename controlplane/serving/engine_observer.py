@@ -18,6 +18,9 @@ class EngineObserver:
     def request_added(self, request_id: str, num_samples: int) -> None:
         """A request of num_samples sequences (its n) entered the engine; they wait for slots."""
 
+    def request_adopted(self, request_id: str, num_unfinished: int) -> None:
+        """A request moved here from another data plane's engine (it left); its samples are re-prefilled."""
+
     def step_done(self, plan: "StepPlan", duration_s: float, seq_at_slot: "list[Sequence | None]") -> None:
         """The data plane ran plan (duration_s: from sending it to its result); called before its
         sampled tokens are appended. seq_at_slot: who sat at each slot in that plan (with

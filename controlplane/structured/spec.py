@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from proto.sampling_schema import OPTION
+
 MAX_GRAMMAR_CHARS = 64 * 1024  # a schema, regex or grammar longer than this is refused
 MAX_CHOICES = 1024
 
-KINDS = ("json_schema", "regex", "grammar", "choice", "json_object")
+KINDS = OPTION["structured_output"].members  # the oneof's fields in generation.proto
 
 
 class InvalidStructuredOutput(ValueError):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from proto.sampling_schema import COLUMNS, DATAPLANE_OPTIONS
 from proto.step import StepPlan
 
 
@@ -19,19 +20,13 @@ from proto.step import StepPlan
 class SamplingInputs:
     """Per sampled row, on the device unless noted."""
 
-    temperature: torch.Tensor  # f32 [num_sampled]
-    top_p: torch.Tensor  # f32
-    top_k: torch.Tensor  # i64
-    seed: torch.Tensor  # i64
-    has_seed: torch.Tensor  # bool
+    # the Sampler's per-row params by its keyword names (its options' columns: proto/sampling_schema.py)
+    sampler_args: dict[str, torch.Tensor]
     positions: torch.Tensor  # i64: index in its sequence of the token being sampled
-    min_p: torch.Tensor  # f32
-    # rows with a penalty (host), their slots and penalties
+    # rows with a penalty (host), their slots, and PenaltyState.apply's per-row penalties by name
     penalty_rows: np.ndarray
     penalty_slots: torch.Tensor  # i64
-    repetition_penalty: torch.Tensor  # f32
-    presence_penalty: torch.Tensor  # f32
-    frequency_penalty: torch.Tensor  # f32
+    penalty_args: dict[str, torch.Tensor]
     # min_tokens: (row, token id) pairs to ban
     ban_rows: torch.Tensor  # i64
     ban_token_ids: torch.Tensor  # i64
@@ -40,43 +35,51 @@ class SamplingInputs:
     num_top_logprobs: int
 
 
+def _host_dtype(wire: str) -> np.dtype:
+    return np.dtype(bool) if wire == "u1" else np.dtype(wire).newbyteorder("=")
+
+
+_TORCH_DTYPE = {"f": torch.float32, "i": torch.long, "b": torch.bool}  # by numpy kind
+SAMPLER_COLUMNS = tuple(c.slot for o in DATAPLANE_OPTIONS if o.reads == "sampler" for c in o.columns)
+PENALTY_COLUMNS = tuple(c.slot for o in DATAPLANE_OPTIONS if o.reads == "penalties" for c in o.columns)
+
+
+def upload_columns(columns: dict[str, np.ndarray], as_tensor) -> dict[str, torch.Tensor]:
+    """The arrays as device tensors: one host-to-device copy per dtype, not one per array."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, values in columns.items():
+        by_dtype.setdefault(_TORCH_DTYPE[values.dtype.kind], []).append(name)
+    out = {}
+    for dtype, names in by_dtype.items():
+        if len(names) == 1:
+            out[names[0]] = as_tensor(columns[names[0]], dtype)
+        else:
+            stacked = as_tensor(np.stack([columns[n] for n in names]), dtype)
+            out |= {n: stacked[i] for i, n in enumerate(names)}
+    return out
+
+
 class SlotSamplingParams:
+    """One array per step-plan sampling column (proto/sampling_schema.py's COLUMNS, named as the
+    column without "new_": temperature, seed, has_seed, num_logprobs, ...), indexed by slot."""
+
     def __init__(self, max_num_seqs: int, device: torch.device):
         self.device = device
         n = max_num_seqs
-        self.temperature = np.ones(n, dtype=np.float32)
-        self.top_p = np.ones(n, dtype=np.float32)
-        self.top_k = np.full(n, -1, dtype=np.int32)
-        self.seed = np.zeros(n, dtype=np.int64)
-        self.has_seed = np.zeros(n, dtype=bool)
-        self.min_p = np.zeros(n, dtype=np.float32)
-        self.repetition_penalty = np.ones(n, dtype=np.float32)
-        self.presence_penalty = np.zeros(n, dtype=np.float32)
-        self.frequency_penalty = np.zeros(n, dtype=np.float32)
+        for option in DATAPLANE_OPTIONS:
+            for column in option.columns:
+                setattr(self, column.slot, np.full(n, column.pack(option.default), dtype=_host_dtype(column.dtype)))
         self.uses_penalties = np.zeros(n, dtype=bool)
         self.num_prompt_tokens = np.zeros(n, dtype=np.int64)
-        self.min_tokens = np.zeros(n, dtype=np.int64)
-        self.num_logprobs = np.full(n, -1, dtype=np.int32)
-        self.num_prompt_logprobs = np.full(n, -1, dtype=np.int32)
         # banned ids until min_tokens, one row per slot, padded with -1; widened on demand
         self.stop_ids = np.full((n, 0), -1, dtype=np.int64)
 
     def admit(self, plan: StepPlan) -> None:
         new = plan.new_slots
-        self.temperature[new] = plan.new_temperature
-        self.top_p[new] = plan.new_top_p
-        self.top_k[new] = plan.new_top_k
-        self.seed[new] = plan.new_seed
-        self.has_seed[new] = plan.new_has_seed.astype(bool)
-        self.min_p[new] = plan.new_min_p
-        self.repetition_penalty[new] = plan.new_repetition_penalty
-        self.presence_penalty[new] = plan.new_presence_penalty
-        self.frequency_penalty[new] = plan.new_frequency_penalty
+        for column in COLUMNS:
+            getattr(self, column.slot)[new] = getattr(plan, column.field)
         self.uses_penalties[new] = plan.new_uses_penalties
         self.num_prompt_tokens[new] = plan.new_num_prompt_tokens
-        self.min_tokens[new] = plan.new_min_tokens
-        self.num_logprobs[new] = plan.new_num_logprobs
-        self.num_prompt_logprobs[new] = plan.new_num_prompt_logprobs
         self._admit_stop_ids(new, plan.new_num_stop_ids.astype(np.int64), plan.stop_ids)
 
     def _admit_stop_ids(self, new: np.ndarray, counts: np.ndarray, stop_ids: np.ndarray) -> None:
@@ -105,17 +108,16 @@ class SlotSamplingParams:
         ids = self.stop_ids[slots[banning]]
         ban_row, ban_column = np.nonzero(ids >= 0)
         logprob_rows = np.flatnonzero(self.num_logprobs[slots] >= 0)
-        # one host-to-device copy per dtype, not one per parameter
-        floats = as_tensor(np.stack([self.temperature[slots], self.top_p[slots], self.min_p[slots]]), torch.float32)
-        ints = as_tensor(np.stack([self.top_k[slots], self.seed[slots], positions]), torch.long)
-        penalties = as_tensor(np.stack([self.repetition_penalty[penalty_slots], self.presence_penalty[penalty_slots],
-                                        self.frequency_penalty[penalty_slots]]), torch.float32)
+        sampler_args = upload_columns({name: getattr(self, name)[slots] for name in SAMPLER_COLUMNS}
+                                      | {"positions": positions}, as_tensor)
+        positions_tensor = sampler_args.pop("positions")  # it goes up with the integer params
         return SamplingInputs(
-            temperature=floats[0], top_p=floats[1], min_p=floats[2],
-            top_k=ints[0], seed=ints[1], has_seed=as_tensor(self.has_seed[slots], torch.bool), positions=ints[2],
+            sampler_args=sampler_args,
+            positions=positions_tensor,
             penalty_rows=penalty_rows,
             penalty_slots=as_tensor(penalty_slots, torch.long),
-            repetition_penalty=penalties[0], presence_penalty=penalties[1], frequency_penalty=penalties[2],
+            penalty_args=upload_columns({name: getattr(self, name)[penalty_slots] for name in PENALTY_COLUMNS},
+                                        as_tensor),
             ban_rows=as_tensor(banning[ban_row], torch.long),
             ban_token_ids=as_tensor(ids[ban_row, ban_column], torch.long),
             logprob_rows=logprob_rows,

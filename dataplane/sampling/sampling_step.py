@@ -8,7 +8,7 @@ The order is vLLM v1's (docs/sampling.md):
 4. the Sampler: greedy argmax, or temperature, min-p, top-k, top-p and the race;
 5. logprobs of the sampled tokens, and prompt logprobs of flagged prefill rows.
 Everything is batched over the rows that need it; the row sets were chosen on the
-host by SlotSamplingParams and plan_sampling, so nothing here waits on the device: the
+host by SamplingState (dataplane/sampling/sampling_state.py), so nothing here waits on the device: the
 outputs stay there until the runner copies them back (dataplane/host_transfer.py).
 Under tensor parallelism rank 0 broadcasts the sampled ids to the other ranks on the
 device, so a rank > 0 can run the next decode step before any host has seen them.
@@ -55,12 +55,11 @@ class SamplingStep:
         ban_tokens(logits, s.ban_rows, s.ban_token_ids)
         if len(s.penalty_rows):
             rows = inputs.penalty_index
-            logits[rows] = self.batch.penalties.apply(logits[rows], s.penalty_slots, s.repetition_penalty,
-                                                      s.presence_penalty, s.frequency_penalty)
+            logits[rows] = self.batch.sampling.penalties.apply(logits[rows], s.penalty_slots, **s.penalty_args)
         if inputs.grammar is not None:
             apply_grammar_bitmask(logits, *inputs.grammar)
-        token_ids = self.sampler.sample(logits, s.temperature, s.top_p, s.top_k, s.seed, s.has_seed, s.positions,
-                                        generator=self.generator, min_p=s.min_p, plan=inputs.sampler_plan)
+        token_ids = self.sampler.sample(logits, **s.sampler_args, positions=s.positions, generator=self.generator,
+                                        plan=inputs.sampler_plan)
         broadcast_from_rank0(token_ids)  # ranks > 0 feed them to their next decode step, as rank 0 does
         self.batch.record_sampled(inputs.sampled_slots, token_ids, inputs.sampled_index)
         out["token_ids"] = token_ids.to(torch.int32)

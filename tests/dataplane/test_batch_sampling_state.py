@@ -46,8 +46,8 @@ def check_sampling_rows(sched, batch, inputs) -> int:
             prompt = np.zeros(VOCAB + 1, bool)
             prompt[seq.token_ids[:seq.num_prompt_tokens]] = True
             counts = np.bincount(seq.completion_token_ids, minlength=VOCAB + 1)
-            assert np.array_equal(batch.penalties.prompt_mask[slot].numpy(), prompt), seq.seq_id
-            assert np.array_equal(batch.penalties.output_counts[slot].numpy(), counts), seq.seq_id
+            assert np.array_equal(batch.sampling.penalties.prompt_mask[slot].numpy(), prompt), seq.seq_id
+            assert np.array_equal(batch.sampling.penalties.output_counts[slot].numpy(), counts), seq.seq_id
             checked += 1
         want = set()
         if seq.num_completion_tokens < options.min_tokens:

@@ -58,8 +58,12 @@ class DataPlaneServicer(object):
 
     def Step(self, request_iterator, context):
         """One StepResult per StepPlan, in order. Opening a stream resets the data
-        plane's batch state: a control plane that reconnects starts afresh. On one
-        host the same messages may travel over shared memory instead (see host_id).
+        plane's batch state and zeroes its KV cache: a control plane that reconnects
+        starts afresh, and no session reads KV another wrote. A newer stream fences
+        the older one (ABORTED, "fenced: ..."). Both RPCs need the data plane's token
+        (metadata "authorization: Bearer <token>") unless it serves mutual TLS or
+        --insecure. On one host the same messages may travel over shared memory
+        instead (see host_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
