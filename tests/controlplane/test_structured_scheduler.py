@@ -84,6 +84,28 @@ def test_a_grammar_refusing_the_token_ends_the_sequence(compiler):
     assert seq.finish_reason is FinishReason.ABORT
 
 
+def test_a_moved_sequence_keeps_its_matcher(tokenizer, compiler):
+    """Another data plane adopts a constrained sequence (failover, drain): its matcher, which accepted the
+    tokens generated so far, goes with it, and each Scheduler counts only the constrained ones it holds."""
+    choice = compiler.compile(StructuredOutputSpec.choice(["yes", "no"]))
+    yes = tokenizer.encode("yes", add_special_tokens=False)[0]
+
+    def scheduler():
+        return Scheduler(SchedulerConfig(num_blocks=8, block_size=4, max_num_seqs=2, max_num_batched_tokens=16,
+                                         max_model_len=32, eos_token_ids=(EOS,)))
+
+    first, second = scheduler(), scheduler()
+    seq = Sequence("c", [5, 6, 7], SamplingOptions(max_tokens=8, structured_output=choice))
+    first.add(seq)
+    plan = first.schedule()
+    first.postprocess(plan, result_for(plan, {seq.slot: yes}))
+    assert first.remove_all() == [seq] and first.num_constrained == 0
+    second.add(seq)
+    assert second.num_constrained == 1 and seq.grammar.num_accepted == 1
+    plan = second.schedule()  # re-prefills prompt + "yes"; the grammar now allows only EOS
+    assert list(allowed(plan, 0)) == [EOS]
+
+
 TORCH_FREE = """
 import sys
 sys.modules["torch"] = None  # importing torch fails, as on the control plane's slim image
