@@ -7,7 +7,8 @@ from client.sync_client import Client
 from client.types import GenerationDelta, GenerationResult, ModelInfo, SamplingParams, Usage
 
 __all__ = [
-    "AsyncClient", "Client", "SamplingParams", "StructuredOutput", "GenerationDelta", "GenerationResult", "ModelInfo", "Usage",
+    "AsyncClient", "Client", "SamplingParams", "StructuredOutput", "GenerationDelta", "GenerationResult",
+    "ModelInfo", "Usage",
     "NanoplaneError", "InvalidArgumentError", "UnavailableError", "DeadlineExceededError",
     "ResourceExhaustedError", "CancelledError",
 ]
