@@ -9,6 +9,11 @@ tokens. Model: Qwen3-0.6B architecture with random bf16 weights unless --model o
 --model-arch (qwen3-30b-a3b, llama3-8b: random weights too) is given; --quantization fp8 and
 --kv-cache-dtype fp8 pass to the data plane.
 
+--structured json-schema constrains every request by one JSON schema (STRUCTURED_SCHEMA,
+docs/structured_output.md), with SmolLM2's tokenizer for the grammar unless --model has
+its own; the grammar ends a sequence early only if the model closes the JSON and then
+samples EOS. The figures then add the control plane's bitmask time per step and per row.
+
 Prints output tokens, seconds, tok/s, and the fraction of the memory-bandwidth lower
 bound: every decode step reads the weights once and every generated token reads the KV
 of its whole context once; bytes / the device's measured copy bandwidth is the floor.
@@ -105,6 +110,30 @@ class LocalDataPlane:
 PENALTIES = dict(top_p=0.9, repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5)
 
 
+# --structured json-schema: nested objects, arrays, an enum, bounded numbers, free strings
+STRUCTURED_SCHEMA = {"type": "array", "items": {"type": "object", "properties": {
+    "name": {"type": "string"}, "score": {"type": "number", "minimum": 0, "maximum": 100},
+    "kind": {"type": "string", "enum": ["a", "b", "c"]},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "meta": {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+             "required": ["ok"]}}, "required": ["name", "score", "kind"]}}
+
+
+def structured_sampling(model_dir: str | None, vocab_size: int) -> dict:
+    """SamplingOptions fields constraining a request by STRUCTURED_SCHEMA, compiled once."""
+    from controlplane.serving.tokenizer import load_tokenizer
+    from controlplane.structured.compiler import StructuredOutputCompiler
+    from controlplane.structured.spec import StructuredOutputSpec
+    from nanoplane.default_model import default_model_path
+
+    tokenizer = load_tokenizer(model_dir or default_model_path())
+    compiler = StructuredOutputCompiler.for_tokenizer(tokenizer, vocab_size, tokenizer.eos_token_ids)
+    return {"structured_output": compiler.compile(StructuredOutputSpec("json_schema", json.dumps(STRUCTURED_SCHEMA)))}
+
+
+LAST_SCHEDULER: list = []  # the timed run's scheduler, for its bitmask figures
+
+
 def run_engine(dataplane, info: dict, prompts, max_tokens, temperature: float,
                extra_sampling: dict | None = None, steps: list[StepShape] | None = None) -> tuple[int, float]:
     scheduler = Scheduler(SchedulerConfig(
@@ -114,6 +143,7 @@ def run_engine(dataplane, info: dict, prompts, max_tokens, temperature: float,
         scheduler.add(Sequence(f"s{i}", p, SamplingOptions(max_tokens=m, temperature=temperature, ignore_eos=True,
                                                             **(extra_sampling or {}))))
     dataplane.open_stream()  # a fresh batch on the data plane for this scheduler
+    LAST_SCHEDULER[:] = [scheduler]
     num_tokens = 0
     start = time.perf_counter()
     while scheduler.has_unfinished() or scheduler.in_flight:
@@ -204,6 +234,8 @@ def main() -> None:
     parser.add_argument("--sampling", choices=("plain", "penalties"), default="plain",
                         help="plain: temperature 0.6 only (Nano-vLLM's); penalties: also top-p 0.9 and "
                              "repetition/presence/frequency penalties on every request")
+    parser.add_argument("--structured", choices=("none", "json-schema"), default="none",
+                        help="json-schema: every request constrained by STRUCTURED_SCHEMA (structured output)")
     parser.add_argument("--json-out", default=None, help="also write the figures here as JSON")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile this many steps of the workload with torch.profiler instead of timing it")
@@ -242,18 +274,21 @@ def main() -> None:
         dataplane.connect()
         info = {k: getattr(pb, k) for k in ("num_kv_blocks", "block_size", "max_num_seqs",
                                             "max_num_batched_tokens", "max_model_len", "kv_bytes_per_token")}
+    extra = dict(PENALTIES) if args.sampling == "penalties" else {}
+    if args.structured == "json-schema":
+        extra |= structured_sampling(args.model, ARCHS[args.model_arch]["vocab_size"] if args.dummy
+                                     else json.loads(Path(model_dir, "config.json").read_text())["vocab_size"])
     try:
         # warm-up, untimed: Triton compiles a kernel variant per new specialisation (e.g. a
         # batch of 1, a multiple of 16, neither), on the first step that needs it
         run_engine(dataplane, info, [prompts[0][:100]], [16], 0.6)
-        run_engine(dataplane, info, prompts[:33], [8] * 33, 0.6, PENALTIES if args.sampling == "penalties" else None)
+        run_engine(dataplane, info, prompts[:33], [8] * 33, 0.6, extra)
         if args.profile_steps:
             profile(dataplane, info, prompts, max_tokens, args.profile_steps)
             return
         print(f"timed run starts at {time.strftime('%H:%M:%S')}", file=sys.stderr)
         steps: list[StepShape] = []
-        num_tokens, seconds = run_engine(dataplane, info, prompts, max_tokens, 0.6,
-                                         PENALTIES if args.sampling == "penalties" else None, steps)
+        num_tokens, seconds = run_engine(dataplane, info, prompts, max_tokens, 0.6, extra, steps)
     finally:
         dataplane.close()
         if proc is not None:
@@ -279,7 +314,7 @@ def main() -> None:
         "lower_bound_s": round(bound, 3), "fraction_of_bound": round(bound / seconds, 3),
         "num_kv_blocks": info["num_kv_blocks"], "block_size": info["block_size"],
         "model_arch": args.model_arch if args.dummy else args.model, "quantization": args.quantization,
-        "kv_cache_dtype": args.kv_cache_dtype,
+        "kv_cache_dtype": args.kv_cache_dtype, "structured": args.structured,
     }
     if args.dummy:
         fp8 = args.quantization == "fp8"
@@ -289,6 +324,13 @@ def main() -> None:
                        fraction_of_roofline=round(roofline / seconds, 3), num_steps=len(steps))
         print(f"roofline (per step max of bytes/bandwidth and FLOPs/peak, {'FP8' if fp8 else 'bf16'} peak "
               f"{peak / 1e12:.0f} TFLOP/s): {roofline:.2f}s, {100 * roofline / seconds:.1f}% of it")
+    if args.structured != "none":
+        filler = LAST_SCHEDULER[0].bitmask_filler
+        num_steps = LAST_SCHEDULER[0].plan_builder.next_step_id
+        figures |= {"mask_rows": filler.num_rows, "mask_threads": filler.threads,
+                    "mask_ms_per_step": round(1e3 * filler.total_s / max(num_steps, 1), 3),
+                    "mask_us_per_row": round(1e6 * filler.total_s / max(filler.num_rows, 1), 2),
+                    "mask_share_of_time": round(filler.total_s / seconds, 4)}
     print(json.dumps(figures))
     print(f"Total: {num_tokens} tok, Time: {seconds:.2f}s, Throughput: {num_tokens / seconds:.2f} tok/s, "
           f"{100 * bound / seconds:.1f}% of the memory-bandwidth bound ({bound:.2f}s)")

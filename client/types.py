@@ -17,7 +17,8 @@ class _SamplingParamsMethods:
     proto/sampling_schema.py declares them (one field each, in its order).
 
     n > 1 asks for n samples of the prompt: use Client.generate_n (or generate_stream,
-    whose deltas carry their sample's `index`)."""
+    whose deltas carry their sample's `index`). structured_output takes a StructuredOutput
+    (client/structured.py): a JSON schema, regex, grammar or choice the text must match."""
 
     __slots__ = ()
 
@@ -27,6 +28,9 @@ class _SamplingParamsMethods:
             value = getattr(self, option.name)
             if option.repeated:
                 getattr(pb, option.name).extend(value)
+            elif option.wire == "oneof":
+                if value is not None:  # structured_output: a client.StructuredOutput
+                    value.fill(pb)
             elif value is not None:
                 setattr(pb, option.name, value)
         return pb

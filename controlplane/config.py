@@ -19,6 +19,7 @@ class ControlPlaneConfig:
     max_logprobs: int = 20
     max_n: int = 16
     overlap: bool = True
+    structured_output_threads: int = 0  # 0 = half the cores, at most 8
     # many data planes (docs/multi_dataplane.md)
     dataplane_dns: str = ""
     dataplane_discovery_interval_s: float = 5.0
@@ -78,6 +79,8 @@ class ControlPlaneConfig:
             problems.append("--dataplane-connect-timeout-s must be positive")
         if self.max_logprobs < 0:
             problems.append(f"--max-logprobs must be >= 0, got {self.max_logprobs}")
+        if self.structured_output_threads < 0:
+            problems.append(f"--structured-output-threads must be >= 0, got {self.structured_output_threads}")
         if self.max_n < 1:
             problems.append(f"--max-n must be >= 1, got {self.max_n}")
         if self.dataplane_reconnect_timeout_s < 0:
@@ -132,6 +135,8 @@ HELP = {
     "max_n": "most parallel samples a request may ask for (sampling.n)",
     "overlap": "plan step N+1 while the data plane runs step N (stop conditions act one step late; "
                "--no-overlap waits for each result before planning the next step)",
+    "structured_output_threads": "threads filling structured output's token bitmasks each step, per data plane "
+                                 "(0 = half the cores, at most 8; the whole batch's masks are filled in parallel)",
     "dataplane_reconnect_timeout_s": "when the data plane is lost, how long requests in flight wait for it to come "
                                      "back (they are recomputed then) before they fail with UNAVAILABLE",
     "max_waiting_requests": "most requests waiting for a batch slot; more get RESOURCE_EXHAUSTED at once",

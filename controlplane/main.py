@@ -32,6 +32,7 @@ from controlplane.ops.security import public_server_credentials, public_server_o
 from controlplane.ops.shutdown import DrainInterceptor, drain_and_stop
 from controlplane.ops.telemetry import EngineTelemetry
 from controlplane.serving.tokenizer import load_tokenizer
+from controlplane.structured.compiler import StructuredOutputCompiler
 from controlplane.serving.validation import RequestLimits
 from proto.logs import add_logging_arguments, configure_logging_from_args
 from proto.nanoplane.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
@@ -121,6 +122,7 @@ class RunningControlPlane:
     health_port: int = 0
     metrics: MetricsServer | None = None
     joiner: fleet.Joiner | None = None
+    grammars: StructuredOutputCompiler | None = None
 
     @property
     def engine(self) -> Engine:
@@ -138,6 +140,8 @@ class RunningControlPlane:
         if self.metrics is not None:
             self.metrics.stop()
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        if self.grammars is not None:
+            self.grammars.close()
         self.router.close()
 
 
@@ -173,8 +177,11 @@ async def start_control_plane(config: ControlPlaneConfig,
     admission = AdmissionControl(config.max_waiting_requests, config.max_pending_tokens,
                                  lambda: router.num_running_requests)
     tokenize_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="tokenize")
+    # structured output's grammars, compiled for the model every plane serves (the same EOS ids: fleet.py)
+    grammars = StructuredOutputCompiler.for_tokenizer(tokenizer, limits.vocab_size,
+                                                      router.engines[0].scheduler.config.eos_token_ids)
     generation_pb2_grpc.add_GenerationServicer_to_server(
-        GenerationServicer(router, tokenizer, limits, model_info, admission, tokenize_pool,
+        GenerationServicer(router, tokenizer, limits, model_info, admission, tokenize_pool, grammars,
                            priority_enabled=config.scheduling_policy == "priority"), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(router, joiner.join), server)
     health_servicer = health.aio.HealthServicer()
@@ -208,7 +215,7 @@ async def start_control_plane(config: ControlPlaneConfig,
                             "Requests moved to another data plane (failover, drain with move).",
                             lambda: router.num_moved_requests)
     running = RunningControlPlane(server, router, health_servicer, port, model_info, readiness, drain, registry,
-                                  tokenize_pool, joiner=joiner)
+                                  tokenize_pool, joiner=joiner, grammars=grammars)
     if config.metrics_port:
         metrics_tokens = load_tokens(config.metrics_auth_token_file, environ={}) \
             if config.metrics_auth_token_file else []

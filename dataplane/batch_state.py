@@ -52,6 +52,8 @@ class StepInputs:
     logprob_index: torch.Tensor | None = None
     penalty_index: torch.Tensor | None = None
     sampler_plan: SamplerPlan | None = None
+    # structured output: sampled-row indices (int64) and their bitmasks (int32 [n, words]), or None
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(slots=True)
@@ -221,6 +223,9 @@ class BatchState:
             logprob_index=stage(sampling.logprob_rows, torch.long),
             penalty_index=stage(sampling.penalty_rows, torch.long),
             sampler_plan=sampler_plan,
+            grammar=(stage(plan.grammar_rows, torch.long),
+                     stage(plan.grammar_bitmask.reshape(len(plan.grammar_rows), -1), torch.int32))
+            if len(plan.grammar_rows) else None,
         )
         return StagedStep(inputs, max_blocks, ids, decode_rows, decode_slots, penalty_tokens)
 

@@ -11,8 +11,10 @@ COPY controlplane controlplane
 COPY client client
 COPY gateway gateway
 COPY nanoplane nanoplane
-# The base package is the control plane's: no torch, no data-plane code.
-RUN pip install .
+# The base package is the control plane's: no torch, no data-plane code. Structured output's xgrammar
+# without its declared torch dependency (the control plane imports only its torch-free parts).
+RUN pip install . \
+ && pip install --no-deps "xgrammar>=0.2.9" && pip install "apache-tvm-ffi>=0.1.11" "pydantic>=2.6"
 
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin nanoplane
 USER 10001

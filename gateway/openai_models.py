@@ -53,6 +53,14 @@ class _Sampling(_Request):
     ignore_eos: bool | None = Field(None, description="vLLM's: go on past the end-of-sequence token")
     skip_special_tokens: bool | None = Field(None, description="vLLM's")
     include_stop_str_in_output: bool | None = Field(None, description="vLLM's")
+    # structured output (gateway/structured_output.py): at most one of these
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                          '"json_schema": {"name": ..., "schema": {...}}}: the output is JSON of that schema')
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's: a JSON schema the output matches")
+    guided_regex: str | None = Field(None, description="vLLM's: a regular expression the whole output matches")
+    guided_choice: list[str] | None = Field(None, description="vLLM's: the output is one of these strings")
+    guided_grammar: str | None = Field(None, description="vLLM's: an EBNF grammar (start rule `root`)")
 
 
 class CompletionRequest(_Sampling):
@@ -78,7 +86,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens")
     logprobs: bool | None = Field(None, description="return each token's logprob")
     top_logprobs: int | None = Field(None, description="with logprobs: also this many top ones per token")
-    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"} yet')
     tools: list[Any] | None = Field(None, description="not supported yet (only empty)")
     functions: list[Any] | None = Field(None, description="not supported yet (only empty)")
 

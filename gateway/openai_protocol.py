@@ -5,7 +5,8 @@ an OpenAIError in OpenAI's error shape. Only types and shapes are checked here; 
 server checks the numbers against the model's limits, and its INVALID_ARGUMENT
 message comes back as a 400 naming the OpenAI parameter (`error_of`). vLLM's
 extra sampling fields are accepted too: stop_token_ids and every option that
-proto/sampling_schema.py marks `openai` (top_k, penalties, min_tokens, ...).
+proto/sampling_schema.py marks `openai` (top_k, penalties, min_tokens, ...); response_format
+and vLLM's guided_* fields become structured_output (structured_output.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from client import NanoplaneError, SamplingParams
 from client.types import SAMPLING_OPTIONS, WIRE_RANGE
+from gateway.structured_output import StructuredOutputError, structured_output_of
 
 INT32_MAX = WIRE_RANGE["int32"][1]
 
@@ -178,9 +180,6 @@ def _job(body: dict, prompts: list, *, chat: bool) -> GenerationJob:
     for name, off in UNSUPPORTED.items():
         if body.get(name) not in off:
             raise OpenAIError(400, f"{name} is not supported yet", param=name, code="unsupported_parameter")
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise OpenAIError(400, "response_format is not supported yet", param="response_format",
-                          code="unsupported_parameter")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _bad("model", "must be a string")
@@ -193,6 +192,10 @@ def _job(body: dict, prompts: list, *, chat: bool) -> GenerationJob:
         raise _bad("stream_options", "is an object, allowed only with stream: true")
     include_usage = _bool(stream_options or {}, "include_usage")
     params = _sampling(body, chat, n)
+    try:
+        params.structured_output = structured_output_of(body)
+    except StructuredOutputError as e:
+        raise _bad(e.param, str(e).removeprefix(f"{e.param}: ")) from e
     return GenerationJob(chat, model, prompts, params, n, stream, bool(include_usage), params.logprobs is not None)
 
 
@@ -214,7 +217,9 @@ _STATUS_OF_CODE = {  # gRPC status name -> (HTTP status, OpenAI error type)
     "PERMISSION_DENIED": (403, "permission_error"), "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
     "UNAVAILABLE": (503, "server_error"), "DEADLINE_EXCEEDED": (504, "server_error"),
 }
-_PARAM_OF_FIELD = {"prompt_token_ids": "prompt", "input": None, "logprobs": "logprobs"}
+_PARAM_OF_FIELD = {"prompt_token_ids": "prompt", "input": None, "logprobs": "logprobs",
+                   "json_schema": "response_format", "json_object": "response_format", "regex": "guided_regex",
+                   "choice": "guided_choice", "grammar": "guided_grammar"}
 
 
 def error_of(e: NanoplaneError, chat: bool = False) -> OpenAIError:

@@ -10,6 +10,9 @@ field-number order. Everything else that lists sampling options derives from it:
   and the penalties read (`reads`);
 - the client's SamplingParams (client/types.py) and the OpenAI body fields that map as they are
   (gateway/openai_protocol.py).
+A row may stand for a oneof of generation.proto (`members`): `structured_output`, whose set
+member says what the output must match; its value is read and checked by
+controlplane/structured/spec.py and travels per step as the plan's grammar bitmask, not as a column.
 The .proto files stay the wire contract: tests/test_sampling_schema.py checks that they and
 this table agree. docs/sampling.md says what each option does and how to add one.
 """
@@ -47,7 +50,8 @@ class Column:
 @dataclass(frozen=True, slots=True)
 class SamplingOption:
     name: str
-    wire: str  # its type in generation.proto: float, int32, int64, bool or string (of each item when repeated)
+    wire: str  # its type in generation.proto: float, int32, int64, bool or string (of each item when repeated);
+    # oneof: a oneof of several fields (`members`), the option's value says which is set and to what
     default: object  # the value when the request leaves it unset; None: it stays unset
     optional: bool = True  # the proto field has presence: unset is not its zero value
     repeated: bool = False
@@ -62,6 +66,7 @@ class SamplingOption:
     columns: tuple[Column, ...] = ()  # how it travels per step; () = only the control plane uses it
     reads: str = ""  # which data-plane part reads its columns per row: "sampler" or "penalties"
     openai: bool = False  # a scalar OpenAI (or vLLM extra) request field of the same name and meaning
+    members: tuple[str, ...] = ()  # of a oneof: its fields in generation.proto, in field-number order
 
 
 def _column(option: str, dtype: str) -> tuple[Column, ...]:
@@ -110,9 +115,12 @@ OPTIONS: tuple[SamplingOption, ...] = (
                    columns=_column("min_tokens", "<i4"), openai=True),
     SamplingOption("skip_special_tokens", "bool", True, openai=True),
     SamplingOption("include_stop_str_in_output", "bool", False, optional=False, openai=True),
+    # what the output must match (docs/structured_output.md); the gateway maps response_format and guided_* to it
+    SamplingOption("structured_output", "oneof", None,
+                   members=("json_schema", "regex", "grammar", "choice", "json_object")),
 )
 OPTION = {o.name: o for o in OPTIONS}
-PYTHON_TYPE = {"float": float, "int32": int, "int64": int, "bool": bool, "string": str}
+PYTHON_TYPE = {"float": float, "int32": int, "int64": int, "bool": bool, "string": str, "oneof": object}
 WIRE_RANGE = {"int32": (-2**31, INT32_MAX), "int64": (-2**63, INT64_MAX)}
 DATAPLANE_OPTIONS = tuple(o for o in OPTIONS if o.columns)
 COLUMNS: tuple[Column, ...] = tuple(c for o in DATAPLANE_OPTIONS for c in o.columns)

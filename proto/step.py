@@ -16,6 +16,8 @@ A plan carries only what changed (docs/design.md, "The step protocol"):
 - `stop_ids`, `cached_token_ids`, `prompt_logprob_*`: variable-length extras of the
   new entries and of entries flagged RUN_PROMPT_LOGPROBS (dataplane.proto says how
   they line up); docs/sampling.md says what the sampling fields mean.
+- `grammar_rows`, `grammar_bitmask`: structured output's allowed tokens of the
+  constrained sampled rows, packed 32 tokens to an int32 word (docs/structured_output.md).
 
 A result carries the sampled ids and, for sequences that asked, logprobs of the
 model's raw distribution (`logprob_rows` names the rows that have them).
@@ -52,6 +54,8 @@ PLAN_ARRAYS: dict[str, np.dtype] = {
     "cached_token_ids": np.dtype("<i4"),
     "prompt_logprob_counts": np.dtype("<i4"),
     "prompt_logprob_token_ids": np.dtype("<i4"),
+    "grammar_rows": np.dtype("<i4"),
+    "grammar_bitmask": np.dtype("<i4"),
 }
 # one entry per new sequence; defaults for a plan built without them
 NEW_SEQUENCE_ARRAYS = tuple(name for name in PLAN_ARRAYS if name.startswith("new_") and name != "new_slots")
@@ -157,6 +161,24 @@ class _StepPlanMethods:
         if int(counts.sum()) != len(self.prompt_logprob_token_ids):
             raise ValueError(f"plan {self.step_id}: prompt_logprob_counts add up to {int(counts.sum())}, "
                              f"prompt_logprob_token_ids has {len(self.prompt_logprob_token_ids)}")
+        self._check_grammar()
+
+    def _check_grammar(self) -> None:
+        rows, n_rows = self.grammar_rows, len(self.grammar_rows)
+        if not n_rows:
+            if len(self.grammar_bitmask):
+                raise ValueError(f"plan {self.step_id}: grammar_bitmask without grammar_rows")
+            return
+        if len(self.grammar_bitmask) % n_rows or not len(self.grammar_bitmask):
+            raise ValueError(f"plan {self.step_id}: grammar_bitmask has {len(self.grammar_bitmask)} words, "
+                             f"not a positive multiple of its {n_rows} grammar_rows")
+        if rows.min() < 0 or rows.max() >= self.num_sampled or np.any(np.diff(rows) <= 0):
+            raise ValueError(f"plan {self.step_id}: grammar_rows must be increasing indices of sampled entries "
+                             f"in [0, {self.num_sampled})")
+
+    @property
+    def grammar_words_per_row(self) -> int:
+        return len(self.grammar_bitmask) // len(self.grammar_rows) if len(self.grammar_rows) else 0
 
 
 StepPlan = make_dataclass("StepPlan", [("step_id", int), *((n, np.ndarray, _empty(d)) for n, d in PLAN_ARRAYS.items())],

@@ -1,11 +1,12 @@
 """The control plane runs where torch (and the data plane's code) cannot be imported: a CPU host that
-installed only `pip install nanoplane` (no `[dataplane]` extra) serves requests through a data plane elsewhere."""
+installed only `pip install nanoplane` (no `[dataplane]` extra) serves requests through a data plane elsewhere,
+structured output's grammars included (xgrammar's torch-free parts, controlplane/structured/xgrammar_core.py)."""
 import subprocess
 import sys
 
 import pytest
 
-from client import Client, SamplingParams
+from client import Client, SamplingParams, StructuredOutput
 from tests.stack import ROOT, DataPlaneProcess, free_port, wait_for_port
 
 # Imported first by every interpreter whose sys.path has its folder (site.py's sitecustomize hook).
@@ -42,7 +43,10 @@ def test_controlplane_serves_with_torch_unimportable(tiny_model_dir, tmp_path):
         with Client(f"127.0.0.1:{port}", timeout_s=60) as client:
             result = client.generate("Once upon a time", SamplingParams(max_tokens=6, temperature=0,
                                                                         ignore_eos=True))
+            choice = client.generate("Pick", SamplingParams(max_tokens=8, temperature=0,
+                                                            structured_output=StructuredOutput.choice(["yes", "no"])))
         assert len(result.token_ids) == 6 and result.finish_reason == "length"
+        assert choice.text in ("yes", "no") and choice.finish_reason == "stop", choice
     finally:
         controlplane.terminate()
         controlplane.wait(20)

@@ -22,14 +22,27 @@ WIRE_OF_TYPE = {FieldDescriptor.TYPE_FLOAT: "float", FieldDescriptor.TYPE_INT32:
 LIMITS = RequestLimits(vocab_size=100, max_model_len=64, kv_capacity_tokens=1024, max_logprobs=5, max_n=4)
 
 
+def _oneof_of(f) -> str | None:
+    """The oneof f is a member of, not counting the synthetic one of a proto3 `optional` field."""
+    oneof = f.containing_oneof
+    return oneof.name if oneof is not None and oneof.name != "_" + f.name else None
+
+
 def test_the_table_is_generation_proto_sampling_params():
-    proto_fields = generation_pb2.SamplingParams.DESCRIPTOR.fields
-    assert [f.name for f in sorted(proto_fields, key=lambda f: f.number)] == [o.name for o in OPTIONS]
+    proto_fields = sorted(generation_pb2.SamplingParams.DESCRIPTOR.fields, key=lambda f: f.number)
+    names = [_oneof_of(f) or f.name for f in proto_fields]
+    assert list(dict.fromkeys(names)) == [o.name for o in OPTIONS]  # a oneof's members: one row
     for f in proto_fields:
+        if oneof := _oneof_of(f):
+            assert OPTION[oneof].wire == "oneof" and f.name in OPTION[oneof].members, f.name
+            continue
         option = OPTION[f.name]
         assert WIRE_OF_TYPE[f.type] == option.wire, f.name
         assert f.is_repeated == option.repeated, f.name
         assert f.has_presence == option.optional, f"{f.name}: optional in the .proto iff optional in the table"
+    for option in OPTIONS:
+        if option.wire == "oneof":
+            assert [f.name for f in proto_fields if _oneof_of(f) == option.name] == list(option.members)
 
 
 def test_the_columns_are_dataplane_proto_step_plan_fields():

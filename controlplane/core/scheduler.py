@@ -26,6 +26,12 @@ a token sampled for a sequence that finished meanwhile is discarded (`num_discar
 What may not run ahead: a sequence whose pending token is its last by length (nothing is
 planned for it), and a preempted one with a token in flight (its prefill needs the id).
 Prefix-cache hashes cover known tokens only, so a discarded token never enters one.
+
+Structured output: a constrained sequence (`Sequence.grammar`) is planned only when none of
+its tokens is in flight, since its allowed-token bitmask, filled here from its matcher,
+depends on every token before; so under overlap it samples every other step while the
+unconstrained ones never wait (docs/structured_output.md). postprocess advances its
+matcher, and a matcher that accepted a stop token ends it.
 """
 from __future__ import annotations
 
@@ -35,10 +41,15 @@ import itertools
 from collections import deque
 from dataclasses import dataclass
 
+import structlog
+
 from controlplane.core.block_manager import BlockManager
 from controlplane.core.plan_builder import PlanBuilder, StepRuns
 from controlplane.core.sequence import FinishReason, Sequence, SequenceStatus
+from controlplane.structured.grammar_state import BitmaskFiller, add_grammar_masks
 from proto.step import StepPlan, StepResult
+
+log = structlog.get_logger("controlplane.core.scheduler")
 
 
 def _arrival(seq: Sequence) -> int:
@@ -131,6 +142,8 @@ class Scheduler:
         # priority scheduling (a sequence added with an order offset): waiting and running stay sorted by
         # arrival, so admission takes the lowest key first and preemption pops the highest
         self.ordered = False
+        self.num_constrained = 0  # unfinished sequences under a grammar: 0 skips the bitmask pass
+        self.bitmask_filler = BitmaskFiller()
 
     @property
     def num_running(self) -> int:
@@ -155,6 +168,7 @@ class Scheduler:
         seq.stop_ids = frozenset(seq.sampling.stop_token_ids) | (
             frozenset() if seq.sampling.ignore_eos else self._eos_token_ids)
         self.seqs[seq.seq_id] = seq
+        self.num_constrained += seq.grammar is not None
         self.ordered = self.ordered or order_offset != 0
         if self.ordered:
             bisect.insort(self.waiting, seq, key=_arrival)  # ahead of lower-priority arrivals
@@ -172,6 +186,7 @@ class Scheduler:
         seqs = sorted(self.seqs.values(), key=_arrival)
         self.waiting.clear()
         self.seqs.clear()
+        self.num_constrained = 0  # their matchers go with them
         return seqs
 
     def abort(self, seq_id: str) -> Sequence | None:
@@ -192,6 +207,7 @@ class Scheduler:
             self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self.num_constrained -= seq.grammar is not None
 
     def reset_dataplane(self, num_blocks: int | None = None, max_num_seqs: int | None = None,
                         max_num_batched_tokens: int | None = None) -> None:
@@ -230,6 +246,8 @@ class Scheduler:
         if not runs:
             return None
         plan = self.plan_builder.build(self.slots.take_drops(), runs)
+        if self.num_constrained:
+            add_grammar_masks(plan, runs.slots, runs.flags, self.slots.seqs, self.bitmask_filler)
         self.in_flight.append(InFlightStep(plan, list(self.slots.seqs), runs))
         return plan
 
@@ -242,8 +260,9 @@ class Scheduler:
                 break
             start = seq.num_computed_tokens
             num_tokens = len(seq.token_ids) + seq.num_pending_tokens
-            if seq.num_pending_tokens and (num_tokens >= seq.max_num_tokens or num_tokens >= max_seq_len):
-                continue  # a step in flight samples its last token by length: nothing more to run
+            if seq.num_pending_tokens and (num_tokens >= seq.max_num_tokens or num_tokens >= max_seq_len
+                                           or seq.grammar is not None):
+                continue  # a step in flight samples its last token by length, or the mask needs it
             n = min(num_tokens - start, budget)
             assert n > 0, f"{seq.seq_id} is running with nothing to compute"
             # most decodes fit in the last block: only a block boundary asks the BlockManager
@@ -275,6 +294,9 @@ class Scheduler:
             ids = seq.token_ids
             ids.append(token)
             seq.last_token_on_device = seq.slot is not None  # not when preempted since
+            if seq.grammar is not None and self._grammar_stops(seq, token):
+                out.append((seq, token))
+                continue
             # most tokens stop nothing: _stop_reason only for those that might
             if token in seq.stop_ids or len(ids) >= seq.max_num_tokens or len(ids) >= max_seq_len:
                 reason = self._stop_reason(seq, token)
@@ -282,6 +304,19 @@ class Scheduler:
                     self.finish(seq, reason)
             out.append((seq, token))
         return out
+
+    def _grammar_stops(self, seq: Sequence, token: int) -> bool:
+        """Advances seq's matcher by its new token; True when that ended seq (the grammar is done)."""
+        if not seq.grammar.accept(token):
+            # the data plane samples inside the mask, so this is a bug or a vocabulary mismatch
+            log.error("grammar refused a sampled token; ending the sequence", token=token, seq_id=seq.seq_id)
+            self.finish(seq, FinishReason.ABORT)
+            return True
+        if seq.grammar.is_terminated:  # it accepted a stop token (EOS, even under ignore_eos)
+            seq.stop_token_id = token
+            self.finish(seq, FinishReason.STOP)
+            return True
+        return False
 
     def check_invariants(self) -> None:
         """For tests: blocks and slots agree with the live sequences."""

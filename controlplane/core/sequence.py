@@ -14,7 +14,9 @@ from proto.sampling_schema import options_dataclass, uses_penalties
 
 class _SamplingOptionsMethods:
     """The user's sampling parameters, already validated by the API layer: one field per option of
-    proto/sampling_schema.py, defaults filled in; max_tokens comes first (docs/sampling.md)."""
+    proto/sampling_schema.py, defaults filled in; max_tokens comes first (docs/sampling.md).
+    structured_output is what validation read (a StructuredOutputSpec) until the servicer swaps in
+    its compiled grammar (controlplane/structured/compiler.py); each sample gets its own matcher."""
 
     __slots__ = ()
 
@@ -79,6 +81,8 @@ class Sequence:
     # the ids that stop it past min_tokens: sampling.stop_token_ids, and the EOS ids unless
     # ignore_eos (set by Scheduler.add, which knows the EOS ids)
     stop_ids: frozenset[int] = frozenset()
+    # structured output's matcher (controlplane/structured/grammar_state.py), None when unconstrained
+    grammar: object | None = None
     max_num_tokens: int = field(init=False)  # prompt + max_tokens: it stops by length there
 
     def __post_init__(self) -> None:
@@ -87,6 +91,8 @@ class Sequence:
             self.num_prompt_tokens = len(self.token_ids)
         self.request_id = self.request_id or self.seq_id
         self.max_num_tokens = self.num_prompt_tokens + self.sampling.max_tokens
+        if self.sampling.structured_output is not None and self.grammar is None:
+            self.grammar = self.sampling.structured_output.new_state()
 
     @property
     def num_tokens(self) -> int:

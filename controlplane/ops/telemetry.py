@@ -74,6 +74,12 @@ class EngineTelemetry(EngineObserver):
         r.counter_reader("nanoplane:discarded_tokens_total",
                          "Tokens sampled one step ahead for a sequence that had stopped or was aborted; "
                          "never sent to a client.", lambda: s.num_discarded_tokens)
+        r.counter_reader("nanoplane:grammar_bitmask_seconds_total",
+                         "Seconds the engine thread spent filling structured output's token bitmasks.",
+                         lambda: s.bitmask_filler.total_s)
+        r.counter_reader("nanoplane:grammar_bitmask_rows_total",
+                         "Token bitmasks filled for constrained rows (one per constrained sampled token).",
+                         lambda: s.bitmask_filler.num_rows)
         self.prefix_queries = r.counter("nanoplane:prefix_cache_queries_total",
                                         "Tokens looked up in the prefix cache when a sequence was admitted.")
         self.prefix_hits = r.counter("nanoplane:prefix_cache_hits_total",

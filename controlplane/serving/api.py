@@ -5,12 +5,14 @@ in engine.py; this module only maps between protobuf and those plain objects, an
 errors to status codes. Validation, which tokenizes, runs on `tokenize_pool` (its
 --tokenizer-workers threads bound how many prompts are tokenized at once; the tokenizers
 library releases the GIL), never on the event loop that streams every other caller's tokens;
-a prompt over --max-prompt-chars is refused on the loop before any of that.
+a prompt over --max-prompt-chars is refused on the loop before any of that. A structured-output
+constraint is compiled on the grammar compiler's own threads (controlplane/structured/compiler.py).
 """
 from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
 import structlog
@@ -22,6 +24,8 @@ from controlplane.serving.logprobs import PositionLogprobs
 from controlplane.serving.tokenizer import Tokenizer
 from controlplane.serving.validation import (InvalidRequest, RequestLimits, chat_messages, check_prompt_size,
                                              validate_generate)
+from controlplane.structured.compiler import StructuredOutputCompiler
+from controlplane.structured.spec import InvalidStructuredOutput, StructuredOutputUnavailable
 from proto.nanoplane.v1 import generation_pb2, generation_pb2_grpc
 
 log = structlog.get_logger("controlplane.serving.api")
@@ -56,9 +60,11 @@ def response_of(output: RequestOutput, tokenizer: Tokenizer) -> generation_pb2.G
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: RequestLimits, model_info: generation_pb2.ModelInfo,
-                 admission: AdmissionControl, tokenize_pool: ThreadPoolExecutor, priority_enabled: bool = False):
+                 admission: AdmissionControl, tokenize_pool: ThreadPoolExecutor, grammars: StructuredOutputCompiler,
+                 priority_enabled: bool = False):
         self.engine = engine  # an Engine, or the Router over several (the same interface)
         self.priority_enabled = priority_enabled
+        self.grammars = grammars  # structured output's compiler and its cache
         self.tokenizer = tokenizer
         self.limits = limits
         self.model_info = model_info
@@ -78,6 +84,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "priority: this server schedules first come, "
                                 "first served; send priority 0, or start it with --scheduling-policy priority")
         sampling = validated.sampling
+        if sampling.structured_output is not None:
+            try:  # on the compile pool: this call waits, the engine and other calls go on
+                compiled = await self.grammars.compile_async(sampling.structured_output)
+            except InvalidStructuredOutput as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except StructuredOutputUnavailable as e:
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(e))
+            sampling = replace(sampling, structured_output=compiled)
         num_tokens = len(validated.prompt_token_ids) + sampling.max_tokens * sampling.n
         try:
             self.admission.admit(num_tokens)

@@ -26,6 +26,7 @@ from controlplane.link.reconnect import DataPlaneReconnector, incompatibilities
 from controlplane.ops.security import dataplane_channel_credentials, dataplane_channel_options
 from controlplane.serving.engine import Engine
 from controlplane.serving.tokenizer import Tokenizer
+from controlplane.structured.grammar_state import BitmaskFiller
 from proto.nanoplane.v1 import dataplane_pb2
 
 log = structlog.get_logger("controlplane.serving.fleet")
@@ -107,6 +108,7 @@ def build_engine(config: ControlPlaneConfig, client: DataPlaneClient, tokenizer:
         num_blocks=info.num_kv_blocks, block_size=info.block_size, max_num_seqs=info.max_num_seqs,
         max_num_batched_tokens=info.max_num_batched_tokens, max_model_len=info.max_model_len,
         eos_token_ids=tuple(eos), enable_prefix_caching=config.enable_prefix_caching))
+    scheduler.bitmask_filler = BitmaskFiller(config.structured_output_threads)
     reconnector = DataPlaneReconnector(client, info, config.dataplane_reconnect_timeout_s)
     aging = config.priority_aging_requests if config.scheduling_policy == "priority" else 0
     log.info("connected to data plane", dataplane=client.target, transport=client.transport_name,

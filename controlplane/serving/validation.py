@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from controlplane.config import ControlPlaneConfig
 from controlplane.core.sequence import SamplingOptions
 from controlplane.serving.tokenizer import Tokenizer
+from controlplane.structured.spec import InvalidStructuredOutput, check_compatible, spec_from_proto
 from proto.sampling_schema import OPTIONS, check_value
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -114,6 +115,9 @@ def sampling_options(pb, num_prompt_tokens: int, limits: RequestLimits) -> Sampl
     for option in OPTIONS:
         if option.repeated:
             values[option.name] = _items(pb, option, limits)
+        elif option.wire == "oneof":
+            # structured_output: its StructuredOutputSpec, which the servicer compiles off the engine thread
+            values[option.name] = _check(spec_from_proto, pb)
         elif option.name == "max_tokens":
             values["max_tokens"] = _max_tokens(pb, option, num_prompt_tokens, limits)
         elif option.optional and not pb.HasField(option.name):
@@ -124,7 +128,18 @@ def sampling_options(pb, num_prompt_tokens: int, limits: RequestLimits) -> Sampl
             if problem:
                 raise InvalidRequest(f"sampling.{option.name}", problem)
             values[option.name] = value
-    return SamplingOptions(**values)
+    options = SamplingOptions(**values)
+    if options.structured_output is not None:
+        _check(check_compatible, options.structured_output, options)
+    return options
+
+
+def _check(check, *args):
+    """check(*args), its InvalidStructuredOutput as an InvalidRequest."""
+    try:
+        return check(*args)
+    except InvalidStructuredOutput as e:
+        raise InvalidRequest(e.field, str(e).removeprefix(f"{e.field}: ")) from e
 
 
 def _max_tokens(pb, option, num_prompt_tokens: int, limits: RequestLimits) -> int:

@@ -4,6 +4,7 @@ The order is vLLM v1's (docs/sampling.md):
 1. logits of the rows that sample, in float32; raw logprobs of those that asked;
 2. min_tokens: EOS and stop ids of sequences short of min_tokens to -inf;
 3. penalties: repetition, frequency, presence (dataplane/sampling/penalties.py);
+   then structured output's grammar bitmask (dataplane/sampling/grammar_mask.py);
 4. the Sampler: greedy argmax, or temperature, min-p, top-k, top-p and the race;
 5. logprobs of the sampled tokens, and prompt logprobs of flagged prefill rows.
 Everything is batched over the rows that need it; the row sets were chosen on the
@@ -18,6 +19,7 @@ import torch
 
 from dataplane.batch_state import BatchState, StepInputs
 from dataplane.distributed import broadcast_from_rank0
+from dataplane.sampling.grammar_mask import apply_grammar_bitmask
 from dataplane.sampling.penalties import ban_tokens
 from dataplane.sampling.sampler import Sampler
 from dataplane.sampling.logprobs import prompt_logprob_tensors, raw_logprobs, token_logprob_tensors
@@ -54,6 +56,8 @@ class SamplingStep:
         if len(s.penalty_rows):
             rows = inputs.penalty_index
             logits[rows] = self.batch.sampling.penalties.apply(logits[rows], s.penalty_slots, **s.penalty_args)
+        if inputs.grammar is not None:
+            apply_grammar_bitmask(logits, *inputs.grammar)
         token_ids = self.sampler.sample(logits, **s.sampler_args, positions=s.positions, generator=self.generator,
                                         plan=inputs.sampler_plan)
         broadcast_from_rank0(token_ids)  # ranks > 0 feed them to their next decode step, as rank 0 does
