@@ -4,12 +4,13 @@
     python benchmarks/fp8_fidelity.py --model-arch qwen3-0.6b  # random-weight Qwen3-0.6B, random token ids
     python benchmarks/fp8_fidelity.py --device cpu --num-tokens 512   # a quick look on CPU
 
-The same token sequences run through three variants of one model: bf16 weights and KV cache
+The same token sequences run through variants of one model: bf16 weights and KV cache
 (the baseline), --quantization fp8 (bf16 KV), and --kv-cache-dtype fp8 (bf16 weights). Each
 text runs as chunked prefills of --chunk tokens, so every chunk's attention reads the earlier
 chunks back from the paged cache, as decode does. At every position the variant's argmax is
 compared with the baseline's (teacher forcing: both see the same tokens, so one disagreement
-does not derail the rest). The texts are this repository's own files, prose (docs), Python,
+does not derail the rest). A float32 run of the same model is compared too: its agreement with
+bf16 is the floor that near-ties in the logits set for any variant. The texts are this repository's own files, prose (docs), Python,
 protobuf IDL, YAML and TOML, cut into pieces of --text-tokens. Prints one JSON line per variant.
 """
 from __future__ import annotations
@@ -126,6 +127,9 @@ def main() -> None:
     fp8_kv = kv_cache_dtype("fp8", dtype)
     calibrate_kv_scales(base, config.vocab_size, device, dtype)  # base now stores an FP8 cache with its scales
     variants["fp8 kv cache"] = (base, fp8_kv)
+    # the noise floor: how often float32, the more exact model, disagrees with the bf16 baseline (near-ties)
+    fp32, _ = load(args, device, torch.float32, "none")
+    variants["fp32 (noise floor)"] = (fp32, torch.float32)
     name = args.model_arch or Path(args.model).name
     for variant, (model, kv_dtype) in variants.items():
         agree = total = 0
