@@ -3,6 +3,7 @@
     python benchmarks/controlplane_step.py                       # 256 and 1024 running sequences
     python benchmarks/controlplane_step.py --num-seqs 256 --codec shm --no-overlap
     python benchmarks/controlplane_step.py --num-seqs 256 --profile   # cProfile of the timed steps
+    python benchmarks/controlplane_step.py --num-seqs 256 --num-dataplanes 1 2   # one Engine per data plane
     python benchmarks/controlplane_step.py --no-settle-heap          # without the serving process's GC settings
 
 The real Engine (Scheduler, BlockManager, PlanBuilder, result handling, incremental
@@ -21,7 +22,10 @@ shared-memory frames). Reported per decode step, median and p99 in µs:
   codec         control-plane side: encode the plan, decode the result
   postprocess   everything else in Engine.step(): Scheduler.postprocess, detokenise, stream
   total         the whole Engine.step(), the data plane's side of the codec excluded
-and, apart, the data plane's side of the codec (decode plan, encode result), and
+`total CPU` is `total` in the engine thread's CPU time (time.thread_time): with
+--num-dataplanes N, N Engines (one per data plane, as the Router runs them) step at once on
+their own threads and share the GIL, so the wall-clock phases include waiting for the others
+while `total CPU` is each step's own cost. And, apart, the data plane's side of the codec (decode plan, encode result), and
 Scheduler.postprocess alone (a part of postprocess), to compare schedule + it with
 Nano-vLLM's Scheduler and BlockManager (schedule + postprocess, no transport, no detokeniser).
 """
@@ -34,6 +38,7 @@ import os
 import pstats
 import random
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -90,14 +95,15 @@ class NullDataPlane:
     def send(self, plan: StepPlan) -> None:
         t0 = time.perf_counter()
         data = self.encode_plan(plan)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         got = self.decode_plan(data)
         sampled = got.run_slots[(got.run_flags & 1) != 0]
         tokens = self.rng.integers(100, self.vocab_size, len(sampled)).astype("<i4")
         self.results.append(self.encode_result(StepResult(got.step_id, sampled.astype("<i4"), tokens)))
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.thread_time()
         self.clock.add("codec", t1 - t0)
         self.clock.add("dataplane codec", t2 - t1)
+        self.clock.add("dataplane codec CPU", c2 - c1)
 
     def receive(self) -> StepResult:
         t0 = time.perf_counter()
@@ -169,29 +175,38 @@ def drain(loop, streams: list[OutputStream]) -> None:
             s._queue.get_nowait()
 
 
-def measure(num_seqs: int, codec: str, overlap: bool, num_steps: int, tokenizer, profile: bool, settle: bool) -> dict:
+def prepare(num_seqs: int, codec: str, overlap: bool, tokenizer, settle: bool):
+    """An Engine with num_seqs sequences prefilled and a few decode steps behind them (untimed)."""
     loop = asyncio.new_event_loop()
     engine, clock, streams = build(num_seqs, codec, overlap, tokenizer, loop, settle)
     scheduler = engine.scheduler
-    # prefill everything, then a few decode steps, untimed
     while scheduler.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in scheduler.running):
         engine.step()
     for _ in range(5):
         engine.step()
     drain(loop, streams)
-    rows: dict[str, list[float]] = {k: [] for k in PHASES}
-    profiler = cProfile.Profile() if profile else None
+    return engine, clock, streams, loop
+
+
+def timed_steps(engine: Engine, clock: Clock, streams, loop, num_steps: int, profiler=None) -> dict[str, list[float]]:
+    """Seconds per phase of num_steps decode steps; `total CPU` is this thread's CPU time (time.thread_time), which
+    the other engines' threads do not add to as they do to the wall-clock phases."""
+    asyncio.set_event_loop(loop)
+    scheduler = engine.scheduler
+    num_seqs = scheduler.num_running
+    rows: dict[str, list[float]] = {k: [] for k in (*PHASES, "total CPU")}
     for _ in range(num_steps):
         clock.spent.clear()
         if profiler:
             profiler.enable()
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         engine.step()
-        total = time.perf_counter() - t0
+        total, cpu = time.perf_counter() - t0, time.thread_time() - c0
         if profiler:
             profiler.disable()
         dp = clock.spent.get("dataplane codec", 0.0)
         rows["total"].append(total - dp)
+        rows["total CPU"].append(cpu - clock.spent.get("dataplane codec CPU", 0.0))
         rows["dataplane codec"].append(dp)
         rows["schedule"].append(clock.spent["schedule"])
         rows["codec"].append(clock.spent["codec"])
@@ -201,9 +216,35 @@ def measure(num_seqs: int, codec: str, overlap: bool, num_steps: int, tokenizer,
         drain(loop, streams)  # not the engine thread's time
         assert scheduler.num_running == num_seqs, "a sequence finished during the timed steps"
     loop.close()
+    return rows
+
+
+def measure(num_seqs: int, codec: str, overlap: bool, num_steps: int, tokenizer, profile: bool, settle: bool,
+            num_dataplanes: int = 1) -> tuple[dict, float]:
+    """Median and p99 (µs) per phase over every engine's steps, and the steps per second of all engines together.
+    With several data planes each has its own Engine of num_seqs sequences stepping on its own thread, as the
+    Router runs them; they share this process's GIL."""
+    prepared = [prepare(num_seqs, codec, overlap, tokenizer, settle) for _ in range(num_dataplanes)]
+    profiler = cProfile.Profile() if profile and num_dataplanes == 1 else None
+    results: list[dict[str, list[float]]] = [None] * num_dataplanes
+    start = threading.Barrier(num_dataplanes + 1)
+
+    def run(i: int) -> None:
+        start.wait()
+        results[i] = timed_steps(*prepared[i], num_steps, profiler)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(num_dataplanes)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    steps_s = num_dataplanes * num_steps / (time.perf_counter() - t0)
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    return {k: (np.median(v) * 1e6, np.percentile(v, 99) * 1e6) for k, v in rows.items()}
+    rows = {k: [x for r in results for x in r[k]] for k in results[0]}
+    return {k: (np.median(v) * 1e6, np.percentile(v, 99) * 1e6) for k, v in rows.items()}, steps_s
 
 
 def main() -> None:
@@ -212,7 +253,10 @@ def main() -> None:
     parser.add_argument("--num-steps", type=int, default=90, help="timed decode steps (all under the shortest max_tokens)")
     parser.add_argument("--codec", choices=["protobuf", "shm"], default="protobuf")
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--profile", action="store_true", help="print a cProfile of the timed steps")
+    parser.add_argument("--num-dataplanes", type=int, nargs="+", default=[1],
+                        help="engines stepping at once on their own threads, one per data plane, each with "
+                             "--num-seqs sequences (the Router's shape)")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the timed steps (one data plane)")
     parser.add_argument("--settle-heap", action=argparse.BooleanOptionalAction, default=True,
                         help="gc.freeze and the young-generation threshold of controlplane.main.settle_heap")
     args = parser.parse_args()
@@ -220,11 +264,13 @@ def main() -> None:
     print(f"codec {args.codec}, overlap {args.overlap}, settle heap {args.settle_heap}, {args.num_steps} decode steps, "
           f"{os.cpu_count()} CPUs")
     print("µs per decode step, median / p99")
-    for n in args.num_seqs:
-        got = measure(n, args.codec, args.overlap, args.num_steps, tokenizer, args.profile, args.settle_heap)
-        print(f"{n} running sequences:")
-        for phase, (median, p99) in got.items():
-            print(f"  {phase:<34} {median:>8.0f} / {p99:.0f}")
+    for num_dataplanes in args.num_dataplanes:
+        for n in args.num_seqs:
+            got, steps_s = measure(n, args.codec, args.overlap, args.num_steps, tokenizer, args.profile,
+                                   args.settle_heap, num_dataplanes)
+            print(f"{num_dataplanes} data plane(s), {n} running sequences each; {steps_s:.0f} steps/s in all:")
+            for phase, (median, p99) in got.items():
+                print(f"  {phase:<34} {median:>8.0f} / {p99:.0f}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/placement.py                          # 3 CPU data planes, a tiny random model
     python benchmarks/placement.py --num-dataplanes 2 --num-requests 400 --device cuda
+    python benchmarks/placement.py --prefix-load-slack 0.25,0.5,1 --repeats 2   # the prefix policy's load slack
 
 Starts N data planes (`nanoplane dataplane`, random weights, `--load-format dummy`) once,
 then for each policy a control plane in this process in front of all of them (a new
@@ -128,17 +129,35 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=24)
     parser.add_argument("--policies", default="round-robin,least-loaded,prefix")
+    parser.add_argument("--prefix-load-slack", default="",
+                        help="comma-separated values of placement.PREFIX_LOAD_SLACK to run the prefix policy with "
+                             "(set in this process; a benchmark knob, not a server option); default: the module's")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every policy, interleaved")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-level", default="warning", help="of the control plane in this process (its logs go to "
+                        "stderr; the data planes' to their files)")
     args = parser.parse_args()
+    from proto.logs import configure_logging
+
+    configure_logging(args.log_level)  # one JSON line per policy on stdout, nothing else
     prompts = workload(args)
     with tempfile.TemporaryDirectory(prefix="placement-") as tmp:
         model = write_random_model(Path(tmp) / "model", TINY_QWEN3)
         planes = start_dataplanes(args, model, Path(tmp))
         try:
-            for policy in args.policies.split(","):
-                result = run_policy(args, policy, [t for _, t in planes], model, prompts)
-                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}),
-                      flush=True)
+            from controlplane.serving import placement
+
+            slacks = [float(x) for x in args.prefix_load_slack.split(",")] if args.prefix_load_slack \
+                else [placement.PREFIX_LOAD_SLACK]
+            runs = [(p, slack) for p in args.policies.split(",") for slack in (slacks if p == "prefix" else [None])]
+            for _ in range(args.repeats):
+                for policy, slack in runs:
+                    if slack is not None:
+                        placement.PREFIX_LOAD_SLACK = slack
+                    result = {**run_policy(args, policy, [t for _, t in planes], model, prompts),
+                              **({"prefix_load_slack": slack} if slack is not None else {})}
+                    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}),
+                          flush=True)
         finally:
             for proc, _ in planes:
                 proc.terminate()

@@ -269,6 +269,18 @@ def listen_problem(config: ControlPlaneConfig) -> str | None:
             or port_problem(config.host, config.metrics_port, "--metrics-port"))
 
 
+def dataplane_resolve_problem(config: ControlPlaneConfig) -> str | None:
+    """None when some listed data plane's host resolves (or --dataplane-dns finds them): the others may appear
+    later (a compose service not started yet) and join then; else why the one listed does not, or all of them."""
+    targets = fleet.discovery_of(config).static
+    problems = [p for t in targets if (p := resolve_problem(t, "--dataplane"))]
+    if not problems or len(problems) < len(targets) or config.dataplane_dns:
+        for p in problems:
+            log.warning("a data plane's host does not resolve yet; it joins once it does", reason=p)
+        return None
+    return "; ".join(problems)
+
+
 def main(argv: list[str] | None = None, local_models: dict[str, str] | None = None) -> int:
     """local_models: file name -> path of models this host has, for the tokenizer (see tokenizer_path)."""
     parser = build_parser()
@@ -278,7 +290,7 @@ def main(argv: list[str] | None = None, local_models: dict[str, str] | None = No
         config = config_from_args(ControlPlaneConfig, args)
     except ValueError as e:
         return usage_error(parser.prog, str(e))
-    problem = listen_problem(config) or resolve_problem(config.dataplane, "--dataplane")
+    problem = listen_problem(config) or dataplane_resolve_problem(config)
     if problem:
         return usage_error(parser.prog, problem)
     log.info("starting control plane", **describe_config(config))

@@ -102,3 +102,14 @@ def test_help_lists_every_option_with_help_and_default(command, capsys):
         # the metavar may come first; after it, words
         assert re.search(r"[a-z]{3,}", text), f"{command} {flag} has no help text: {text!r}"
         assert "default" in text, f"{command} {flag} does not say its default: {text!r}"
+
+
+def test_a_list_of_data_planes_fails_only_when_no_host_resolves():
+    line = one_line_error(nanoplane("controlplane", "--port", "0", "--dataplane",
+                                    "no-such-host.invalid:50061,nor-this.invalid:50061"))
+    assert "'no-such-host.invalid'" in line and "'nor-this.invalid'" in line
+    from controlplane.config import ControlPlaneConfig
+    from controlplane.main import dataplane_resolve_problem
+
+    # a compose service not started yet does not resolve: it joins once it does
+    assert dataplane_resolve_problem(ControlPlaneConfig(dataplane="127.0.0.1:50061,no-such-host.invalid:50061")) is None

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from client import Client, SamplingParams
+from controlplane.config import ControlPlaneConfig
 from nanoplane.admin_cli import main as admin_main
 from proto.nanoplane.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 from tests.stack import DataPlaneProcess, InProcessControlPlane
@@ -176,14 +177,19 @@ def test_drain_under_load_fails_nothing_and_a_new_plane_joins(stack, planes, tin
 
         params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
         load = Streams(stack.client, [f"Drain load {i}" for i in range(200)], params, rate_s=0.01)
-        wait_until(lambda: load.num_tokens > 100, 60, "the load did not start")
         drained = planes[1].target
+        # drained while it holds requests and more keep coming: what it holds moves, nothing new lands there
+        wait_until(lambda: load.num_tokens > 100 and router.member(drained).engine.num_requests > 0, 60,
+                   "the load did not reach the plane to drain")
+        moved_before = router.num_moved_requests
         reply = stub.DrainDataPlane(admin_pb2.DrainDataPlaneRequest(address=drained, move=True), metadata=md)
-        assert reply.state in ("draining", "drained")
+        assert len(load.finish) < 200, "the load was over before the plane was drained"
+        assert reply.state == "draining" and reply.num_running + reply.num_waiting > 0
         wait_until(lambda: states(stack)[drained] == "drained", 30, "the drained plane did not become idle")
         steps_after_drain = router.member(drained).engine.num_steps
         load.join()
         assert load.errors == {} and len(load.finish) == 200
+        assert router.num_moved_requests > moved_before
         assert router.member(drained).engine.num_steps == steps_after_drain, "work was placed on a drained plane"
 
         newcomer = DataPlaneProcess(str(tiny_model_dir("qwen3")), tmp_path / "newcomer.log", *DATAPLANE_ARGS)
@@ -222,3 +228,73 @@ def test_a_request_lands_where_its_prefix_is_cached(stack):
     assert router.num_prefix_placements == before + 1
     # only the plane that ran the first holds this prefix: a hit proves the second went there
     assert second.usage.cached_prompt_tokens == 32 > first.usage.cached_prompt_tokens  # 46 tokens: 2 full blocks
+
+
+def plane_samples(stack, name: str) -> dict[str, float]:
+    """The value of metric sample `name` for each data plane (its `dataplane` label)."""
+    found = {}
+    for line in stack.control_plane.registry.render().splitlines():
+        name_labels, _, value = line.rpartition(" ")
+        if name_labels.startswith(name + "{") and 'dataplane="' in name_labels:
+            found[name_labels.split('dataplane="')[1].split('"')[0]] = float(value)
+    return found
+
+
+def test_each_data_plane_has_its_own_metric_series(stack, planes):
+    serving = [dp.target for dp in planes]
+    for name in ("nanoplane:num_requests_running", "nanoplane:num_requests_waiting", "nanoplane:kv_cache_usage_perc",
+                 "nanoplane:prefix_cache_hits_total", "nanoplane:step_duration_seconds_count"):
+        assert set(serving) <= plane_samples(stack, name).keys(), name
+    assert all(plane_samples(stack, "nanoplane:step_duration_seconds_count")[t] > 0 for t in serving)
+    # a request sharing a cached prefix counts its hit on the plane it ran on, and on no other
+    shared = "Another long prefix, for the per-plane hit counters, that many requests share: " * 3
+    stack.client.generate(shared + "one", SamplingParams(max_tokens=2, temperature=0))
+    before = plane_samples(stack, "nanoplane:prefix_cache_hits_total")
+    hit = stack.client.generate(shared + "two", SamplingParams(max_tokens=2, temperature=0))
+    after = plane_samples(stack, "nanoplane:prefix_cache_hits_total")
+    gained = sorted(after[t] - before.get(t, 0.0) for t in after)
+    assert hit.usage.cached_prompt_tokens > 0 and gained[-1] == hit.usage.cached_prompt_tokens
+    assert gained[:-1] == [0.0] * (len(gained) - 1)
+
+
+def test_drain_without_move_lets_its_requests_finish_where_they_are(stack, planes):
+    router = stack.control_plane.router
+    target = planes[0].target
+    wait_until(lambda: all(states(stack)[dp.target] == "serving" for dp in planes), 30, "planes not serving")
+    engine = router.member(target).engine
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    load = Streams(stack.client, [f"Drain without move {i}" for i in range(60)], params, rate_s=0.01)
+    wait_until(lambda: engine.num_requests >= 2, 60, "the load did not reach the plane to drain")
+    moved_before = router.num_moved_requests
+    channel, stub, md = admin(stack)
+    with channel:
+        reply = stub.DrainDataPlane(admin_pb2.DrainDataPlaneRequest(address=target), metadata=md)
+        steps_at_drain = engine.num_steps
+        assert reply.state == "draining"
+        wait_until(lambda: states(stack)[target] == "drained", 60, "the drained plane did not finish its requests")
+        assert engine.num_steps > steps_at_drain  # it ran what it held to the end
+        load.join()
+        assert load.errors == {} and len(load.finish) == 60
+        assert router.num_moved_requests == moved_before  # nothing moved: they finished on the drained plane
+        steps_drained = engine.num_steps
+        more = Streams(stack.client, [f"While drained {i}" for i in range(6)], params)
+        more.join()
+        assert more.errors == {} and engine.num_steps == steps_drained
+        assert stub.UndrainDataPlane(admin_pb2.UndrainDataPlaneRequest(address=target), metadata=md).state == "serving"
+
+
+def test_data_planes_found_by_dns_name_join(tiny_model_dir, tmp_path):
+    """--dataplane-dns NAME:PORT: every address of NAME is a data plane (here `localhost`, 127.0.0.1)."""
+    model = str(tiny_model_dir("qwen3"))
+    plane = DataPlaneProcess(model, tmp_path / "dns-plane.log", *DATAPLANE_ARGS)
+    try:
+        cp = InProcessControlPlane(ControlPlaneConfig.dataplane, model,
+                                   dict(dataplane_dns=f"localhost:{plane.port}", dataplane_discovery_interval_s=0.5))
+        try:
+            assert [m.address for m in cp.control_plane.router.members] == [plane.target]  # the default left out
+            result = cp.client.generate("Found by name", SamplingParams(max_tokens=4, temperature=0))
+            assert result.usage.completion_tokens == 4
+        finally:
+            cp.close()
+    finally:
+        plane.close()

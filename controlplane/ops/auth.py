@@ -113,13 +113,3 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
                         reason="no bearer token" if problem is MISSING else "invalid token")
             return rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
         return handler
-        if not self._digests:
-            log.warning("admin call refused", method=method, reason="no admin tokens configured")
-            return rejecting_handler(handler, grpc.StatusCode.PERMISSION_DENIED, ADMIN_OFF)
-        header = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        problem = self.tokens.problem(header)
-        if problem is not None:
-            log.warning("unauthenticated call", method=handler_call_details.method,
-                        reason="no bearer token" if problem is MISSING else "invalid token")
-            return rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
-        return handler
