@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from controlplane.core.speculative import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
+
 ENV_PREFIX = "NANOPLANE_CP_"
 
 
@@ -20,6 +22,13 @@ class ControlPlaneConfig:
     max_n: int = 16
     overlap: bool = True
     structured_output_threads: int = 0  # 0 = half the cores, at most 8
+    # speculative decoding (docs/speculative.md)
+    speculative_method: str = SpeculativeConfig.method
+    num_speculative_tokens: int = SpeculativeConfig.num_speculative_tokens
+    speculative_ngram_min: int = SpeculativeConfig.ngram_min
+    speculative_ngram_max: int = SpeculativeConfig.ngram_max
+    speculative_disable_batch_size: int = SpeculativeConfig.disable_batch_size
+    speculative_min_acceptance: float = SpeculativeConfig.min_acceptance
     # many data planes (docs/multi_dataplane.md)
     dataplane_dns: str = ""
     dataplane_discovery_interval_s: float = 5.0
@@ -81,6 +90,7 @@ class ControlPlaneConfig:
             problems.append(f"--max-logprobs must be >= 0, got {self.max_logprobs}")
         if self.structured_output_threads < 0:
             problems.append(f"--structured-output-threads must be >= 0, got {self.structured_output_threads}")
+        problems += self.speculative_config().problems()
         if self.max_n < 1:
             problems.append(f"--max-n must be >= 1, got {self.max_n}")
         if self.dataplane_reconnect_timeout_s < 0:
@@ -100,6 +110,11 @@ class ControlPlaneConfig:
         problems += config_problems(self)
         if problems:
             raise ValueError("invalid control plane configuration: " + "; ".join(problems))
+
+    def speculative_config(self) -> SpeculativeConfig:
+        return SpeculativeConfig(self.speculative_method, self.num_speculative_tokens, self.speculative_ngram_min,
+                                 self.speculative_ngram_max, self.speculative_disable_batch_size,
+                                 self.speculative_min_acceptance)
 
 
 # Options of a data plane elsewhere; `nanoplane serve` starts its own on loopback and leaves them out.
@@ -137,6 +152,17 @@ HELP = {
                "--no-overlap waits for each result before planning the next step)",
     "structured_output_threads": "threads filling structured output's token bitmasks each step, per data plane "
                                  "(0 = half the cores, at most 8; the whole batch's masks are filled in parallel)",
+    "speculative_method": "speculative decoding: ngram (drafts from the sequence's own tokens, vLLM's prompt "
+                          "lookup; docs/speculative.md) or empty (off)",
+    "num_speculative_tokens": f"with --speculative-method, the most draft tokens a sequence proposes per step "
+                              f"(1 to {MAX_SPECULATIVE_TOKENS})",
+    "speculative_ngram_min": "the shortest suffix of a sequence's tokens the n-gram proposer looks up",
+    "speculative_ngram_max": "the longest suffix of a sequence's tokens the n-gram proposer looks up (it tries "
+                             "the longest first)",
+    "speculative_disable_batch_size": "no sequence speculates while more than this many run (0 = no limit): a "
+                                      "large batch already keeps the device busy",
+    "speculative_min_acceptance": "a sequence whose share of accepted drafts (a moving average) falls below this "
+                                  "decodes without drafts for a while, then tries again",
     "dataplane_reconnect_timeout_s": "when the data plane is lost, how long requests in flight wait for it to come "
                                      "back (they are recomputed then) before they fail with UNAVAILABLE",
     "max_waiting_requests": "most requests waiting for a batch slot; more get RESOURCE_EXHAUSTED at once",

@@ -24,7 +24,7 @@ from dataplane.host_transfer import Uploads
 from dataplane.sampling.sampler import SamplerPlan
 from dataplane.sampling.sampling_params import SamplingInputs
 from dataplane.sampling.sampling_state import PenaltyTokens, SamplingState
-from proto.step import RUN_PROMPT_LOGPROBS, RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
+from proto.step import RUN_PROMPT_LOGPROBS, RUN_SAMPLE, RUN_SPECULATIVE, RUN_TOKENS_IN_PLAN, StepPlan
 
 
 class PlanError(ValueError):
@@ -104,6 +104,8 @@ class BatchState:
     def apply(self, plan: StepPlan) -> StepInputs | None:
         """Folds the plan's deltas into the state and builds this step's inputs (None when nothing runs).
         Everything is checked on the host before any device work, so a rejected plan leaves the device as it was."""
+        if len(plan.rewind_slots):
+            self._rewind(plan)
         self._check_slots(plan.drop_slots, "drop_slots")
         self.active[plan.drop_slots] = False
         self.has_last_token[plan.drop_slots] = False
@@ -149,6 +151,16 @@ class BatchState:
         if history is not None:
             self.sampling.apply_history(history)
         return None if staged is None else self._finish_inputs(staged)
+
+    def _rewind(self, plan: StepPlan) -> None:
+        """Speculative decoding: the KV of drafts the control plane rejected is no longer this slot's."""
+        slots, counts = plan.rewind_slots, plan.rewind_num_tokens.astype(np.int64)
+        self._check_slots(slots, "rewind_slots")
+        if not np.all(self.active[slots]) or len(np.unique(slots)) != len(slots):
+            raise PlanError("rewind_slots: each must be a distinct slot in the batch")
+        if np.any(counts > self.num_computed[slots]):
+            raise PlanError("rewind_num_tokens: more than the slot has computed")
+        self.num_computed[slots] -= counts
 
     def _check_runs(self, plan: StepPlan) -> None:
         slots = plan.run_slots
@@ -200,8 +212,20 @@ class BatchState:
             decode_slots = stage(slots[~in_plan], torch.long)
         penalty_tokens = self.sampling.stage_token_rows(token_slots, positions, stage)
 
-        sampled_slots = slots[sample]
-        sampling, sampler_plan = self.sampling.gather(sampled_slots, seq_lens[sample], stage)
+        # a sampling entry samples its last row; a speculative one its last drafts + 1 rows (docs/speculative.md)
+        rows_per_entry = sample.astype(np.int64)
+        spec = (plan.run_flags & RUN_SPECULATIVE) != 0
+        rows_per_entry[spec] += plan.spec_num_drafts
+        rows_per_entry = rows_per_entry[sample]
+        row_entry = np.repeat(np.flatnonzero(sample), rows_per_entry)
+        # k-th row from the end of its entry (0 = the last)
+        back = np.repeat(np.cumsum(rows_per_entry), rows_per_entry) - 1 - np.arange(int(rows_per_entry.sum()))
+        sample_rows = cu_seqlens[1:][row_entry] - 1 - back
+        sampled_slots = slots[row_entry]
+        sampling, sampler_plan = self.sampling.gather(sampled_slots, seq_lens[row_entry] - back, stage)
+        grammar_rows = plan.grammar_rows
+        if len(grammar_rows) and np.any(spec):  # they index sampling entries; the logits have a row per sample
+            grammar_rows = (np.cumsum(rows_per_entry) - 1)[grammar_rows]
         inputs = StepInputs(
             input_ids=None,  # _finish_inputs: from ids and the slots' last sampled tokens
             positions=stage(positions, torch.long),
@@ -215,7 +239,7 @@ class BatchState:
                 query_start_loc_cpu=cu_seqlens.tolist(),
                 seq_lens_cpu=seq_lens.tolist(),
             ),
-            sample_indices=stage(cu_seqlens[1:][sample] - 1, torch.long),
+            sample_indices=stage(sample_rows, torch.long),
             sampled_slots=sampled_slots.astype(np.int32),
             sampling=sampling,
             prompt_logprobs=self._prompt_logprob_inputs(plan, cu_seqlens),
@@ -223,7 +247,7 @@ class BatchState:
             logprob_index=stage(sampling.logprob_rows, torch.long),
             penalty_index=stage(sampling.penalty_rows, torch.long),
             sampler_plan=sampler_plan,
-            grammar=(stage(plan.grammar_rows, torch.long),
+            grammar=(stage(grammar_rows, torch.long),
                      stage(plan.grammar_bitmask.reshape(len(plan.grammar_rows), -1), torch.int32))
             if len(plan.grammar_rows) else None,
         )

@@ -27,7 +27,9 @@ from client.loop_thread import EventLoopThread
 ROOT = Path(__file__).resolve().parents[1]
 # Nano-vLLM's names for two data plane options
 ALIASES = {"kvcache_block_size": "block_size", "num_kvcache_blocks": "num_kv_blocks"}
-CONTROL_PLANE_OPTIONS = ("tokenizer", "served_model_name", "enable_prefix_caching", "max_logprobs", "max_n")
+CONTROL_PLANE_OPTIONS = ("tokenizer", "served_model_name", "enable_prefix_caching", "max_logprobs", "max_n",
+                         "speculative_method", "num_speculative_tokens", "speculative_ngram_min",
+                         "speculative_ngram_max", "speculative_disable_batch_size", "speculative_min_acceptance")
 
 
 def split_options(options: dict) -> tuple[dict, dict]:

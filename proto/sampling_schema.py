@@ -118,6 +118,8 @@ OPTIONS: tuple[SamplingOption, ...] = (
     # what the output must match (docs/structured_output.md); the gateway maps response_format and guided_* to it
     SamplingOption("structured_output", "oneof", None,
                    members=("json_schema", "regex", "grammar", "choice", "json_object")),
+    # false: never speculated; true: when the server speculates and the other options allow it (docs/speculative.md)
+    SamplingOption("speculative", "bool", True),
 )
 OPTION = {o.name: o for o in OPTIONS}
 PYTHON_TYPE = {"float": float, "int32": int, "int64": int, "bool": bool, "string": str, "oneof": object}

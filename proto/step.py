@@ -18,6 +18,9 @@ A plan carries only what changed (docs/design.md, "The step protocol"):
   they line up); docs/sampling.md says what the sampling fields mean.
 - `grammar_rows`, `grammar_bitmask`: structured output's allowed tokens of the
   constrained sampled rows, packed 32 tokens to an int32 word (docs/structured_output.md).
+- `spec_num_drafts`: speculative decoding (docs/speculative.md): entries flagged
+  RUN_SPECULATIVE end with that many draft tokens and sample all of their last
+  drafts + 1 rows; `rewind_*` take back the KV of drafts a result rejected.
 
 A result carries the sampled ids and, for sequences that asked, logprobs of the
 model's raw distribution (`logprob_rows` names the rows that have them).
@@ -34,6 +37,7 @@ from proto.sampling_schema import COLUMNS, uses_penalties
 RUN_SAMPLE = 1  # sample a token after this entry's last token
 RUN_TOKENS_IN_PLAN = 2  # the entry's tokens are in plan.token_ids
 RUN_PROMPT_LOGPROBS = 4  # return logprobs of the prompt tokens the entry's rows predict
+RUN_SPECULATIVE = 8  # the entry's last spec_num_drafts tokens are drafts: sample each of its last drafts + 1 rows
 
 PLAN_ARRAYS: dict[str, np.dtype] = {
     "drop_slots": np.dtype("<i4"),
@@ -56,6 +60,9 @@ PLAN_ARRAYS: dict[str, np.dtype] = {
     "prompt_logprob_token_ids": np.dtype("<i4"),
     "grammar_rows": np.dtype("<i4"),
     "grammar_bitmask": np.dtype("<i4"),
+    "spec_num_drafts": np.dtype("<i4"),
+    "rewind_slots": np.dtype("<i4"),
+    "rewind_num_tokens": np.dtype("<i4"),
 }
 # one entry per new sequence; defaults for a plan built without them
 NEW_SEQUENCE_ARRAYS = tuple(name for name in PLAN_ARRAYS if name.startswith("new_") and name != "new_slots")
@@ -87,7 +94,13 @@ class _StepPlanMethods:
 
     @property
     def num_sampled(self) -> int:
+        """Entries that sample (a speculative entry counts once: see num_sampled_rows)."""
         return int(np.count_nonzero(self.run_flags & RUN_SAMPLE))
+
+    @property
+    def num_sampled_rows(self) -> int:
+        """Rows of the result: one per sampling entry, plus one per draft of the speculative ones."""
+        return self.num_sampled + int(self.spec_num_drafts.sum())
 
     @property
     def new_uses_penalties(self) -> np.ndarray:
@@ -112,7 +125,7 @@ class _StepPlanMethods:
             raise ValueError(f"plan {self.step_id}: an entry without tokens in the plan must run exactly 1 token")
         if np.any(self.run_num_tokens < 1):
             raise ValueError(f"plan {self.step_id}: every run entry must run at least 1 token")
-        if np.any(self.run_flags & ~np.uint8(RUN_SAMPLE | RUN_TOKENS_IN_PLAN | RUN_PROMPT_LOGPROBS)):
+        if np.any(self.run_flags & ~np.uint8(RUN_SAMPLE | RUN_TOKENS_IN_PLAN | RUN_PROMPT_LOGPROBS | RUN_SPECULATIVE)):
             raise ValueError(f"plan {self.step_id}: run_flags has bits that mean nothing")
         self._check_new_values()
         self._check_extras(in_plan)
@@ -162,6 +175,23 @@ class _StepPlanMethods:
             raise ValueError(f"plan {self.step_id}: prompt_logprob_counts add up to {int(counts.sum())}, "
                              f"prompt_logprob_token_ids has {len(self.prompt_logprob_token_ids)}")
         self._check_grammar()
+        self._check_speculative(in_plan)
+
+    def _check_speculative(self, in_plan: np.ndarray) -> None:
+        spec = (self.run_flags & RUN_SPECULATIVE) != 0
+        if len(self.spec_num_drafts) != int(spec.sum()):
+            raise ValueError(f"plan {self.step_id}: {int(spec.sum())} entries flagged RUN_SPECULATIVE, "
+                             f"spec_num_drafts has {len(self.spec_num_drafts)}")
+        if np.any(spec & ~(in_plan & ((self.run_flags & RUN_SAMPLE) != 0))):
+            raise ValueError(f"plan {self.step_id}: a RUN_SPECULATIVE entry must sample and carry its tokens")
+        if np.any(spec & ((self.run_flags & RUN_PROMPT_LOGPROBS) != 0)):
+            raise ValueError(f"plan {self.step_id}: RUN_SPECULATIVE cannot be combined with RUN_PROMPT_LOGPROBS")
+        if np.any(self.spec_num_drafts < 1) or np.any(self.spec_num_drafts >= self.run_num_tokens[spec]):
+            raise ValueError(f"plan {self.step_id}: spec_num_drafts must be in [1, the entry's tokens - 1]")
+        if len(self.rewind_slots) != len(self.rewind_num_tokens):
+            raise ValueError(f"plan {self.step_id}: rewind_slots and rewind_num_tokens differ in length")
+        if np.any(self.rewind_num_tokens < 1):
+            raise ValueError(f"plan {self.step_id}: rewind_num_tokens must be at least 1")
 
     def _check_grammar(self) -> None:
         rows, n_rows = self.grammar_rows, len(self.grammar_rows)

@@ -127,6 +127,17 @@ class BlockManager:
             self.block_token_ids[block_id] = tuple(token_ids)
             self.hash_to_block_id[prefix_hash] = block_id
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Frees seq's trailing blocks past its first num_tokens tokens (rejected speculative drafts'). They
+        were appended by ensure_slots for positions past the known tokens: unshared, never hashed."""
+        keep = self.num_blocks_for(num_tokens)
+        table = seq.block_table
+        while len(table) > keep:
+            block_id = table.pop()
+            assert self.ref_counts[block_id] == 1 and self.block_hashes[block_id] == NO_HASH, block_id
+            self.ref_counts[block_id] = 0
+            self.free_block_ids[block_id] = None
+
     def free(self, seq: Sequence) -> None:
         """Drops seq's references, last block first so its unshared tail is reused before a shared prefix."""
         if not seq.block_table:

@@ -21,7 +21,7 @@ import numpy as np
 
 from controlplane.core.sequence import Sequence
 from proto.sampling_schema import DATAPLANE_OPTIONS, column_values
-from proto.step import PLAN_ARRAYS, RUN_PROMPT_LOGPROBS, RUN_SAMPLE, RUN_TOKENS_IN_PLAN, StepPlan
+from proto.step import PLAN_ARRAYS, RUN_PROMPT_LOGPROBS, RUN_SAMPLE, RUN_SPECULATIVE, RUN_TOKENS_IN_PLAN, StepPlan
 
 
 @dataclass(slots=True)
@@ -36,7 +36,7 @@ class StepRuns:
     """One step's runs in batch order, as the columns of the plan's run_* and token_ids."""
 
     __slots__ = ("slots", "starts", "num_tokens", "flags", "token_ids", "prompt_logprob_counts",
-                 "prompt_logprob_token_ids", "others")
+                 "prompt_logprob_token_ids", "spec_num_drafts", "others")
 
     def __init__(self) -> None:
         self.slots: list[int] = []
@@ -46,6 +46,7 @@ class StepRuns:
         self.token_ids: list[int] = []  # of the runs flagged RUN_TOKENS_IN_PLAN, in run order
         self.prompt_logprob_counts: list[int] = []
         self.prompt_logprob_token_ids: list[int] = []
+        self.spec_num_drafts: list[int] = []  # of the speculative runs, in run order
         self.others: list[ScheduledRun] = []  # the runs of new sequences and of those with blocks to send
 
     def __len__(self) -> int:
@@ -73,6 +74,19 @@ class StepRuns:
             self.others.append(ScheduledRun(seq, start, n, is_new))
 
 
+    def add_speculative(self, seq: Sequence, start: int, drafts: list[int]) -> None:
+        """Appends seq's run of its last token (start is its position) and drafts, sampling every position."""
+        self.token_ids += seq.token_ids[start:]
+        self.token_ids += drafts
+        self.slots.append(seq.slot)
+        self.starts.append(start)
+        self.num_tokens.append(1 + len(drafts))
+        self.flags.append(RUN_SAMPLE | RUN_TOKENS_IN_PLAN | RUN_SPECULATIVE)
+        self.spec_num_drafts.append(len(drafts))
+        if seq.num_blocks_sent != len(seq.block_table):
+            self.others.append(ScheduledRun(seq, start, 1 + len(drafts), False))
+
+
 def _array(name: str, values: list) -> np.ndarray:
     return np.fromiter(values, dtype=PLAN_ARRAYS[name], count=len(values))  # a third faster than np.asarray
 
@@ -96,7 +110,7 @@ class PlanBuilder:
         self.next_step_id = 0
         self.eos_token_ids = tuple(eos_token_ids)
 
-    def build(self, drop_slots: list[int], runs: StepRuns) -> StepPlan:
+    def build(self, drop_slots: list[int], runs: StepRuns, rewinds: list[tuple[int, int]] = ()) -> StepPlan:
         new = [r for r in runs.others if r.is_new]
         plan = StepPlan(
             step_id=self.next_step_id,
@@ -108,6 +122,11 @@ class PlanBuilder:
             prompt_logprob_counts=_array("prompt_logprob_counts", runs.prompt_logprob_counts),
             prompt_logprob_token_ids=_array("prompt_logprob_token_ids", runs.prompt_logprob_token_ids),
         )
+        if runs.spec_num_drafts:
+            plan.spec_num_drafts = _array("spec_num_drafts", runs.spec_num_drafts)
+        if rewinds:
+            plan.rewind_slots = _array("rewind_slots", [slot for slot, _ in rewinds])
+            plan.rewind_num_tokens = _array("rewind_num_tokens", [n for _, n in rewinds])
         if new:
             self._add_new(plan, new)
         self._add_block_writes(plan, runs.others)

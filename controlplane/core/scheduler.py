@@ -32,6 +32,13 @@ its tokens is in flight, since its allowed-token bitmask, filled here from its m
 depends on every token before; so under overlap it samples every other step while the
 unconstrained ones never wait (docs/structured_output.md). postprocess advances its
 matcher, and a matcher that accepted a stop token ends it.
+
+Speculative decoding (controlplane/core/speculative.py, docs/speculative.md): a sequence that may
+speculate is likewise planned only with no token in flight; then its last token and the n-gram
+proposer's drafts run as one entry that samples every position, postprocess keeps the drafts the
+samples confirm, and the KV of the rejected ones is taken back: from the BlockManager (trailing blocks
+freed) and from the data plane (the next plan's rewind). Drafts are never in token_ids, so never in a
+prefix-cache hash.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ import bisect
 import heapq
 import itertools
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass
 
 import structlog
@@ -46,6 +54,7 @@ import structlog
 from controlplane.core.block_manager import BlockManager
 from controlplane.core.plan_builder import PlanBuilder, StepRuns
 from controlplane.core.sequence import FinishReason, Sequence, SequenceStatus
+from controlplane.core.speculative import SpeculativeConfig, Speculator
 from controlplane.structured.grammar_state import BitmaskFiller, add_grammar_masks
 from proto.step import StepPlan, StepResult
 
@@ -102,6 +111,7 @@ class SlotTable:
         self.seqs: list[Sequence | None] = [None] * num_slots
         self.free = list(range(num_slots))  # a heap: lowest slot first keeps the batch compact
         self.pending_drops: list[int] = []
+        self.pending_rewinds: list[tuple[int, int]] = []  # (slot, rejected drafts' tokens) for the next plan
 
     def has_free(self) -> bool:
         return bool(self.free)
@@ -144,6 +154,7 @@ class Scheduler:
         self.ordered = False
         self.num_constrained = 0  # unfinished sequences under a grammar: 0 skips the bitmask pass
         self.bitmask_filler = BitmaskFiller()
+        self.speculator = Speculator(SpeculativeConfig())  # off unless the caller sets a method
 
     @property
     def num_running(self) -> int:
@@ -245,7 +256,8 @@ class Scheduler:
             budget -= num_tokens
         if not runs:
             return None
-        plan = self.plan_builder.build(self.slots.take_drops(), runs)
+        rewinds, self.slots.pending_rewinds = self.slots.pending_rewinds, []
+        plan = self.plan_builder.build(self.slots.take_drops(), runs, rewinds)
         if self.num_constrained:
             add_grammar_masks(plan, runs.slots, runs.flags, self.slots.seqs, self.bitmask_filler)
         self.in_flight.append(InFlightStep(plan, list(self.slots.seqs), runs))
@@ -254,12 +266,26 @@ class Scheduler:
     def _schedule_running(self, runs: StepRuns, budget: int) -> int:
         """Gives each running sequence, in admission order, what it still needs; returns the budget left."""
         block_size, max_seq_len = self.config.block_size, self.max_seq_len
+        spec = self.speculator if self.speculator.config.enabled else None
+        num_running = len(self.running)
         # a preemption pops from the end of running, the sequences this loop has not reached yet
         for seq in self.running:
             if budget <= 0:
                 break
             start = seq.num_computed_tokens
             num_tokens = len(seq.token_ids) + seq.num_pending_tokens
+            if spec is not None and (seq.spec_drafts is not None or spec.wants(seq, num_running)):
+                if seq.num_pending_tokens:
+                    continue  # its drafts follow the token in flight
+                if start == num_tokens - 1 and budget > 1:  # a decode: drafts may follow its last token
+                    room = min(seq.max_num_tokens, max_seq_len) - num_tokens - 1
+                    drafts = spec.drafts(seq, min(budget - 1, room))
+                    if drafts:
+                        if not self._reserve_or_preempt(seq, 1 + len(drafts)):
+                            break
+                        self._take_speculative(seq, drafts, runs)
+                        budget -= 1 + len(drafts)
+                        continue
             if seq.num_pending_tokens and (num_tokens >= seq.max_num_tokens or num_tokens >= max_seq_len
                                            or seq.grammar is not None):
                 continue  # a step in flight samples its last token by length, or the mask needs it
@@ -283,11 +309,15 @@ class Scheduler:
         seq_at_slot = self.in_flight.popleft().seq_at_slot
         out: list[tuple[Sequence, int]] = []
         finished, max_seq_len = SequenceStatus.FINISHED, self.max_seq_len
-        for slot, token in zip(result.slots.tolist(), result.token_ids.tolist()):
+        rows = zip(result.slots.tolist(), result.token_ids.tolist())
+        for slot, token in rows:
             seq = seq_at_slot[slot]
             if seq is None:
                 raise ValueError(f"result {result.step_id} has a token for slot {slot}, empty in that plan")
             seq.num_pending_tokens -= 1
+            if seq.spec_drafts is not None:  # this row and the next len(drafts) are its samples
+                self._take_speculative_result(seq, [token] + [t for _, t in islice(rows, len(seq.spec_drafts))], out)
+                continue
             if seq.status is finished:
                 self.num_discarded_tokens += 1  # aborted, or stopped by the token before
                 continue
@@ -304,6 +334,39 @@ class Scheduler:
                     self.finish(seq, reason)
             out.append((seq, token))
         return out
+
+    def _take_speculative(self, seq: Sequence, drafts: list[int], runs: StepRuns) -> None:
+        """Schedules seq's last token and its drafts as one entry that samples every position (blocks reserved)."""
+        self.block_manager.register_full_blocks(seq, len(seq.token_ids))  # known tokens only, never drafts
+        runs.add_speculative(seq, seq.num_computed_tokens, drafts)
+        seq.num_computed_tokens += 1 + len(drafts)
+        seq.num_pending_tokens = 1
+        seq.spec_drafts = drafts
+
+    def _take_speculative_result(self, seq: Sequence, sampled: list[int], out: list[tuple[Sequence, int]]) -> None:
+        """Appends what the drafts' samples accept; takes back the KV of the rejected drafts."""
+        drafts, seq.spec_drafts = seq.spec_drafts, None
+        if seq.status is SequenceStatus.FINISHED:
+            self.num_discarded_tokens += len(sampled)
+            return
+        accepted = self.speculator.accept(seq, drafts, sampled)
+        rejected = len(drafts) + 1 - len(accepted)
+        seq.last_token_on_device = False  # several rows sampled at its slot: the next step sends the id
+        if rejected and seq.slot is not None:
+            seq.num_computed_tokens -= rejected
+            self.block_manager.truncate(seq, seq.num_computed_tokens)
+            seq.num_blocks_sent = min(seq.num_blocks_sent, len(seq.block_table))
+            self.slots.pending_rewinds.append((seq.slot, rejected))
+        ids = seq.token_ids
+        for i, token in enumerate(accepted):
+            ids.append(token)
+            out.append((seq, token))
+            if token in seq.stop_ids or len(ids) >= seq.max_num_tokens or len(ids) >= self.max_seq_len:
+                reason = self._stop_reason(seq, token)
+                if reason is not None:
+                    self.finish(seq, reason)
+                    self.num_discarded_tokens += len(accepted) - 1 - i
+                    return
 
     def _grammar_stops(self, seq: Sequence, token: int) -> bool:
         """Advances seq's matcher by its new token; True when that ended seq (the grammar is done)."""

@@ -83,6 +83,11 @@ class Sequence:
     stop_ids: frozenset[int] = frozenset()
     # structured output's matcher (controlplane/structured/grammar_state.py), None when unconstrained
     grammar: object | None = None
+    # speculative decoding (controlplane/core/speculative.py): the drafts of its step in flight, the moving
+    # average of its acceptance, and how many more steps it decodes plainly after a low one
+    spec_drafts: list[int] | None = None
+    spec_acceptance: float = 1.0
+    spec_backoff_steps: int = 0
     max_num_tokens: int = field(init=False)  # prompt + max_tokens: it stops by length there
 
     def __post_init__(self) -> None:

@@ -80,6 +80,8 @@ class EngineTelemetry(EngineObserver):
         r.counter_reader("nanoplane:grammar_bitmask_rows_total",
                          "Token bitmasks filled for constrained rows (one per constrained sampled token).",
                          lambda: s.bitmask_filler.num_rows)
+        if s.speculator.config.enabled:
+            self._define_spec_metrics(r, s.speculator.counters, s.speculator.config.num_speculative_tokens)
         self.prefix_queries = r.counter("nanoplane:prefix_cache_queries_total",
                                         "Tokens looked up in the prefix cache when a sequence was admitted.")
         self.prefix_hits = r.counter("nanoplane:prefix_cache_hits_total",
@@ -117,6 +119,21 @@ class EngineTelemetry(EngineObserver):
         now = time.monotonic()
         self._timings[request_id] = _Timing(arrival_s=now, num_unfinished=num_unfinished, scheduled_s=now,
                                             first_token_s=now)
+
+    @staticmethod
+    def _define_spec_metrics(r: Metrics, counters, num_positions: int) -> None:
+        """vLLM's spec_decode series; mean acceptance length = 1 + accepted / drafts (docs/speculative.md)."""
+        r.counter_reader("nanoplane:spec_decode_num_drafts_total", "Speculative steps of a sequence (drafts proposed).",
+                         lambda: counters.num_drafts)
+        r.counter_reader("nanoplane:spec_decode_num_draft_tokens_total", "Draft tokens proposed.",
+                         lambda: counters.num_draft_tokens)
+        r.counter_reader("nanoplane:spec_decode_num_accepted_tokens_total", "Draft tokens accepted.",
+                         lambda: counters.num_accepted_tokens)
+        for i in range(num_positions):
+            r.labelled({"position": str(i)}).counter_reader(
+                "nanoplane:spec_decode_num_accepted_tokens_per_pos_total",
+                "Draft tokens accepted at each draft position (0 = the first draft).",
+                lambda i=i: counters.accepted_per_position[i] if i < len(counters.accepted_per_position) else 0)
 
     def step_done(self, plan: StepPlan, duration_s: float, seq_at_slot: list[Sequence | None]) -> None:
         now = time.monotonic()

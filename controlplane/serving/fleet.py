@@ -19,6 +19,7 @@ import structlog
 
 from controlplane.config import ControlPlaneConfig
 from controlplane.core.scheduler import Scheduler, SchedulerConfig
+from controlplane.core.speculative import Speculator
 from controlplane.link.dataplane_client import AUTO_TOKEN_RETRY_S, DataPlaneClient
 from controlplane.link.transport import DataPlaneRefused, DataPlaneUnavailable
 from controlplane.link.discovery import Discovery
@@ -109,6 +110,7 @@ def build_engine(config: ControlPlaneConfig, client: DataPlaneClient, tokenizer:
         max_num_batched_tokens=info.max_num_batched_tokens, max_model_len=info.max_model_len,
         eos_token_ids=tuple(eos), enable_prefix_caching=config.enable_prefix_caching))
     scheduler.bitmask_filler = BitmaskFiller(config.structured_output_threads)
+    scheduler.speculator = Speculator(config.speculative_config())
     reconnector = DataPlaneReconnector(client, info, config.dataplane_reconnect_timeout_s)
     aging = config.priority_aging_requests if config.scheduling_policy == "priority" else 0
     log.info("connected to data plane", dataplane=client.target, transport=client.transport_name,

@@ -48,7 +48,7 @@ class DataPlaneInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., host_id: _Optional[str] = ..., shm_socket: _Optional[str] = ..., shm_ticket: _Optional[bytes] = ...) -> None: ...
 
 class StepPlan(_message.Message):
-    __slots__ = ("step_id", "drop_slots", "new_slots", "new_num_cached_tokens", "new_temperature", "new_top_p", "new_top_k", "new_seed", "new_has_seed", "block_slots", "block_indices", "block_ids", "run_slots", "run_num_tokens", "run_flags", "token_ids", "new_num_prompt_tokens", "new_min_p", "new_repetition_penalty", "new_presence_penalty", "new_frequency_penalty", "new_min_tokens", "new_num_logprobs", "new_num_prompt_logprobs", "new_num_stop_ids", "stop_ids", "cached_token_ids", "prompt_logprob_counts", "prompt_logprob_token_ids", "grammar_rows", "grammar_bitmask")
+    __slots__ = ("step_id", "drop_slots", "new_slots", "new_num_cached_tokens", "new_temperature", "new_top_p", "new_top_k", "new_seed", "new_has_seed", "block_slots", "block_indices", "block_ids", "run_slots", "run_num_tokens", "run_flags", "token_ids", "new_num_prompt_tokens", "new_min_p", "new_repetition_penalty", "new_presence_penalty", "new_frequency_penalty", "new_min_tokens", "new_num_logprobs", "new_num_prompt_logprobs", "new_num_stop_ids", "stop_ids", "cached_token_ids", "prompt_logprob_counts", "prompt_logprob_token_ids", "grammar_rows", "grammar_bitmask", "spec_num_drafts", "rewind_slots", "rewind_num_tokens")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     DROP_SLOTS_FIELD_NUMBER: _ClassVar[int]
     NEW_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,9 @@ class StepPlan(_message.Message):
     PROMPT_LOGPROB_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_ROWS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_BITMASK_FIELD_NUMBER: _ClassVar[int]
+    SPEC_NUM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    REWIND_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    REWIND_NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     drop_slots: bytes
     new_slots: bytes
@@ -111,7 +114,10 @@ class StepPlan(_message.Message):
     prompt_logprob_token_ids: bytes
     grammar_rows: bytes
     grammar_bitmask: bytes
-    def __init__(self, step_id: _Optional[int] = ..., drop_slots: _Optional[bytes] = ..., new_slots: _Optional[bytes] = ..., new_num_cached_tokens: _Optional[bytes] = ..., new_temperature: _Optional[bytes] = ..., new_top_p: _Optional[bytes] = ..., new_top_k: _Optional[bytes] = ..., new_seed: _Optional[bytes] = ..., new_has_seed: _Optional[bytes] = ..., block_slots: _Optional[bytes] = ..., block_indices: _Optional[bytes] = ..., block_ids: _Optional[bytes] = ..., run_slots: _Optional[bytes] = ..., run_num_tokens: _Optional[bytes] = ..., run_flags: _Optional[bytes] = ..., token_ids: _Optional[bytes] = ..., new_num_prompt_tokens: _Optional[bytes] = ..., new_min_p: _Optional[bytes] = ..., new_repetition_penalty: _Optional[bytes] = ..., new_presence_penalty: _Optional[bytes] = ..., new_frequency_penalty: _Optional[bytes] = ..., new_min_tokens: _Optional[bytes] = ..., new_num_logprobs: _Optional[bytes] = ..., new_num_prompt_logprobs: _Optional[bytes] = ..., new_num_stop_ids: _Optional[bytes] = ..., stop_ids: _Optional[bytes] = ..., cached_token_ids: _Optional[bytes] = ..., prompt_logprob_counts: _Optional[bytes] = ..., prompt_logprob_token_ids: _Optional[bytes] = ..., grammar_rows: _Optional[bytes] = ..., grammar_bitmask: _Optional[bytes] = ...) -> None: ...
+    spec_num_drafts: bytes
+    rewind_slots: bytes
+    rewind_num_tokens: bytes
+    def __init__(self, step_id: _Optional[int] = ..., drop_slots: _Optional[bytes] = ..., new_slots: _Optional[bytes] = ..., new_num_cached_tokens: _Optional[bytes] = ..., new_temperature: _Optional[bytes] = ..., new_top_p: _Optional[bytes] = ..., new_top_k: _Optional[bytes] = ..., new_seed: _Optional[bytes] = ..., new_has_seed: _Optional[bytes] = ..., block_slots: _Optional[bytes] = ..., block_indices: _Optional[bytes] = ..., block_ids: _Optional[bytes] = ..., run_slots: _Optional[bytes] = ..., run_num_tokens: _Optional[bytes] = ..., run_flags: _Optional[bytes] = ..., token_ids: _Optional[bytes] = ..., new_num_prompt_tokens: _Optional[bytes] = ..., new_min_p: _Optional[bytes] = ..., new_repetition_penalty: _Optional[bytes] = ..., new_presence_penalty: _Optional[bytes] = ..., new_frequency_penalty: _Optional[bytes] = ..., new_min_tokens: _Optional[bytes] = ..., new_num_logprobs: _Optional[bytes] = ..., new_num_prompt_logprobs: _Optional[bytes] = ..., new_num_stop_ids: _Optional[bytes] = ..., stop_ids: _Optional[bytes] = ..., cached_token_ids: _Optional[bytes] = ..., prompt_logprob_counts: _Optional[bytes] = ..., prompt_logprob_token_ids: _Optional[bytes] = ..., grammar_rows: _Optional[bytes] = ..., grammar_bitmask: _Optional[bytes] = ..., spec_num_drafts: _Optional[bytes] = ..., rewind_slots: _Optional[bytes] = ..., rewind_num_tokens: _Optional[bytes] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("step_id", "slots", "token_ids", "logprob_rows", "logprobs", "logprob_ranks", "top_token_ids", "top_logprobs", "prompt_logprobs", "prompt_logprob_ranks", "prompt_top_token_ids", "prompt_top_logprobs")
