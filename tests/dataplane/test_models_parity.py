@@ -147,3 +147,36 @@ def test_bf16_prefill_close_to_fp32(tiny):
         assert close.float().mean() >= 0.8, close
     else:
         assert close.all(), close
+
+
+def test_speculative_steps_match_hf_generate(tiny):
+    """Speculative decoding's data-plane side: each step runs the last token and drafts as one varlen query over
+    the paged cache, greedy keeps the drafts its argmax confirms, and the rejected drafts' KV is overwritten by
+    the next step (the cache is rewound). Drafts are HF's own continuation with every third token spoiled, so
+    both acceptance and rejection happen; the output must be HF's greedy output."""
+    path, hf = tiny
+    model, config = load_model(path, dtype=torch.float32)
+    prompt, num_new, k = random_prompt(30, seed=7), 24, 3
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=num_new, min_new_tokens=num_new, do_sample=False,
+                          pad_token_id=config.eos_token_ids[0])
+    expected = out[0, len(prompt):].tolist()
+    driver = PagedDriver(model, config)
+    (logits,) = driver.step([(0, prompt)])
+    generated = [int(logits[-1].argmax())]
+    num_rejected = num_accepted = 0
+    while len(generated) < num_new:
+        n = len(generated)
+        drafts = [t if (n + i) % 3 else (t + 1) % VOCAB for i, t in enumerate(expected[n:n + k])]
+        (logits,) = driver.step([(0, generated[-1:] + drafts)])
+        sampled = logits.argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == sampled[accepted]:
+            accepted += 1
+        generated += sampled[:accepted + 1]
+        driver.num_cached[0] -= len(drafts) - accepted  # the rejected drafts' KV is rewritten next step
+        num_rejected += len(drafts) - accepted
+        num_accepted += accepted
+    assert num_rejected > 0 and num_accepted > 0
+    assert generated[:num_new] == expected
