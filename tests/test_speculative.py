@@ -81,7 +81,9 @@ def test_propose_ngram_takes_the_longest_suffix_and_its_most_recent_match():
     assert propose_ngram([5, 1, 2, 6, 7, 2, 9, 1, 2], 2, 1, 3) == [6, 7]
     assert propose_ngram([1, 2, 3, 4], 2, 1, 4) == []  # no earlier occurrence
     assert propose_ngram([1, 2, 3, 1], 2, 2, 4) == []  # only a 1-gram matches, below min_n
-    assert propose_ngram([4, 4, 4], 5, 1, 4) == [4]  # fewer than k follow the match
+    # fewer than k follow the match: the copy goes on through its own drafts
+    assert propose_ngram([4, 4, 4], 5, 1, 4) == [4, 4, 4, 4, 4]
+    assert propose_ngram([7, 1, 2, 3, 1, 2], 5, 1, 4) == [3, 1, 2, 3, 1]
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -207,3 +209,22 @@ def test_options_out_of_range_are_clear_errors():
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
             ControlPlaneConfig(**options).validate()
     ControlPlaneConfig(speculative_method="ngram", num_speculative_tokens=5).validate()
+
+
+def test_through_both_planes_greedy_and_n_samples(tiny_model_dir):
+    """The real stack (data plane process, shared-memory steps, gRPC API): a request that opts out gets the same
+    greedy tokens as one that speculates; n > 1 samples speculate each on its own; logprobs still come back."""
+    from client import SamplingParams
+    from nanoplane import LLM
+
+    prompt = copy_prompts(1, seed=6)[0]
+    with LLM(str(tiny_model_dir("qwen3")), enforce_eager=True, num_kv_blocks=128, speculative_method="ngram",
+             num_speculative_tokens=3) as llm:
+        on, off, n, lp = llm.generate([prompt] * 4, [
+            SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, speculative=False),
+            SamplingParams(temperature=0.5, seed=3, n=3, max_tokens=32, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=1)], use_tqdm=False)
+    assert on["token_ids"] == off["token_ids"] == lp["token_ids"]
+    assert len(lp["logprobs"]) == 32
+    assert len(n["outputs"]) == 3 and all(len(o["token_ids"]) == 32 for o in n["outputs"])

@@ -66,8 +66,8 @@ class SpeculativeConfig:
 
 
 def propose_ngram(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[int]:
-    """Up to k tokens that followed the most recent earlier occurrence of the last n tokens, for the
-    largest n in [min_n, max_n] that occurs earlier; [] when none does."""
+    """The k tokens that followed the most recent earlier occurrence of the last n tokens, for the largest
+    n in [min_n, max_n] that occurs earlier; [] when none does."""
     length = len(token_ids)
     if k < 1 or length < min_n + 1:
         return []
@@ -77,8 +77,11 @@ def propose_ngram(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[
         windows = sliding_window_view(tokens[:-1], n)
         hits = np.flatnonzero((windows == tokens[length - n:]).all(axis=1))
         if len(hits):
+            # copy what followed the match; a copy that reaches the end goes on through its own drafts
+            # (as the lookup repeated after each draft would), so a repeating pattern repeats
             start = int(hits[-1]) + n
-            return token_ids[start:start + k]
+            period = length - start
+            return [token_ids[start + i % period] for i in range(k)]
     return []
 
 
