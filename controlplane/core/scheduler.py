@@ -231,6 +231,7 @@ class Scheduler:
         self.in_flight.clear()  # their results never come: the tokens are recomputed
         for seq in self.seqs.values():
             seq.num_pending_tokens = 0
+            seq.spec_drafts = None
         for seq in self.running:
             self._preempt(seq)  # counted, and kept for usage: its first prefix-cache hit stays
         self.waiting = deque(sorted(self.waiting, key=lambda s: s.arrival))
