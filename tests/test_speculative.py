@@ -228,3 +228,23 @@ def test_through_both_planes_greedy_and_n_samples(tiny_model_dir):
     assert on["token_ids"] == off["token_ids"] == lp["token_ids"]
     assert len(lp["logprobs"]) == 32
     assert len(n["outputs"]) == 3 and all(len(o["token_ids"]) == 32 for o in n["outputs"])
+
+
+def test_a_lost_data_plane_forgets_the_drafts_in_flight(runner):
+    """reset_dataplane while a speculative step is in flight: its result never comes; the sequences are
+    recomputed and end as they would have."""
+    prompts = copy_prompts(3, seed=7)
+    plain = run(runner, new_scheduler(0), seqs_for(prompts, temperature=0.0, max_tokens=24))
+    scheduler = new_scheduler(4)
+    seqs = seqs_for(prompts, temperature=0.0, max_tokens=24)
+    runner.reset()
+    for seq in seqs:
+        scheduler.add(seq)
+    while True:
+        plan = scheduler.schedule()
+        result = runner.execute(plan)
+        if np.any(plan.run_flags & RUN_SPECULATIVE):
+            break  # its result is lost with the data plane
+        scheduler.postprocess(plan, result)
+    scheduler.reset_dataplane()
+    assert run(runner, scheduler, []) == [] and [s.completion_token_ids for s in seqs] == plain
