@@ -248,3 +248,29 @@ def test_a_lost_data_plane_forgets_the_drafts_in_flight(runner):
         scheduler.postprocess(plan, result)
     scheduler.reset_dataplane()
     assert run(runner, scheduler, []) == [] and [s.completion_token_ids for s in seqs] == plain
+
+
+def test_k_out_of_range_fails_the_server_at_start_up():
+    from tests.test_cli_errors import nanoplane, one_line_error
+
+    line = one_line_error(nanoplane("controlplane", "--port", "0", "--speculative-method", "ngram",
+                                    "--num-speculative-tokens", "0"))
+    assert "--num-speculative-tokens must be in [1, 16] with --speculative-method ngram, got 0" in line
+
+
+def test_spec_decode_metrics_count_drafts_and_acceptance(runner):
+    from controlplane.ops.metrics import Metrics
+    from controlplane.ops.telemetry import EngineTelemetry
+
+    scheduler = new_scheduler(2)
+    metrics = Metrics({"model_name": "tiny"})
+    EngineTelemetry(scheduler, metrics)
+    run(runner, scheduler, seqs_for(copy_prompts(2, seed=8), temperature=0.0, max_tokens=20))
+    c, text = scheduler.speculator.counters, metrics.render()
+    assert c.num_accepted_tokens > 0 and c.accepted_per_position[0] >= c.accepted_per_position[1]
+    assert f'nanoplane:spec_decode_num_drafts_total{{model_name="tiny"}} {float(c.num_drafts)}' in text
+    assert f'nanoplane:spec_decode_num_draft_tokens_total{{model_name="tiny"}} {float(c.num_draft_tokens)}' in text
+    assert f'nanoplane:spec_decode_num_accepted_tokens_total{{model_name="tiny"}} {float(c.num_accepted_tokens)}' in text
+    for position in (0, 1):
+        assert (f'nanoplane:spec_decode_num_accepted_tokens_per_pos_total{{model_name="tiny",position="{position}"}} '
+                f'{float(c.accepted_per_position[position])}') in text
