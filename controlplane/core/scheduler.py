@@ -281,9 +281,8 @@ class Scheduler:
                 if start == num_tokens - 1 and budget > 1:  # a decode: drafts may follow its last token
                     room = min(seq.max_num_tokens, max_seq_len) - num_tokens - 1
                     drafts = spec.drafts(seq, min(budget - 1, room))
-                    if drafts:
-                        if not self._reserve_or_preempt(seq, 1 + len(drafts)):
-                            break
+                    # drafts never preempt anyone: short of blocks for them, the sequence decodes one token
+                    if drafts and self.block_manager.ensure_slots(seq, num_tokens + len(drafts)):
                         self._take_speculative(seq, drafts, runs)
                         budget -= 1 + len(drafts)
                         continue
