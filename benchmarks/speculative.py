@@ -78,12 +78,11 @@ def run(dataplane, info: dict, prompts: list[list[int]], max_tokens: list[int], 
     for seq in seqs:
         scheduler.add(seq)
     dataplane.open_stream()
-    num_steps = 0
     start = time.perf_counter()
     while scheduler.has_unfinished() or scheduler.in_flight:
         overlapped_step(scheduler, dataplane)
-        num_steps += 1
     seconds = time.perf_counter() - start
+    num_steps = scheduler.plan_builder.next_step_id  # plans sent (the data plane's forwards)
     c = scheduler.speculator.counters
     return {"outputs": [s.completion_token_ids for s in seqs], "seconds": seconds, "num_steps": num_steps,
             "tokens": sum(s.num_completion_tokens for s in seqs), "drafts": c.num_drafts,
