@@ -151,8 +151,8 @@ def test_unseeded_sampling_keeps_the_target_distribution(runner):
                                                   for i in range(num_samples)]))
     counters = scheduler.speculator.counters
     # both branches are exercised a good deal: drafts accepted, and rejected (the residual distribution)
-    assert counters.num_accepted_tokens > 300
-    assert counters.num_draft_tokens - counters.num_accepted_tokens > 150
+    assert counters.num_accepted_tokens > 250
+    assert counters.num_draft_tokens - counters.num_accepted_tokens > 100
     for position in range(1, 4):
         tokens = np.union1d(plain[:, position], speculated[:, position])
         table = np.array([[np.count_nonzero(col[:, position] == t) for t in tokens] for col in (plain, speculated)])
