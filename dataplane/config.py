@@ -33,7 +33,7 @@ class DataPlaneConfig:
     warm_up: str = "auto"  # auto (on a GPU) | on | off: synthetic steps before serving (dataplane/warmup.py)
     tensor_parallel_size: int = 1
     seed: int = 0
-    num_threads: int = 0  # CPU intra-op threads, 0 = torch's default
+    num_threads: int = 0  # torch intra-op threads; 0 = auto (dataplane/cpu_threads.py)
     # running it like production (docs/operations.md)
     tls_cert: str = ""
     tls_key: str = ""
@@ -63,6 +63,8 @@ class DataPlaneConfig:
             problems.append(f"--cpu-kv-cache-gib must be positive, got {self.cpu_kv_cache_gib}")
         if self.load_format not in ("auto", "dummy"):
             problems.append(f"--load-format must be auto or dummy, got {self.load_format!r}")
+        if self.num_threads < 0:
+            problems.append(f"--num-threads must be 0 (auto) or more, got {self.num_threads}")
         if self.tensor_parallel_size < 1:
             problems.append(f"--tensor-parallel-size must be at least 1, got {self.tensor_parallel_size}")
         if self.warm_up not in ("auto", "on", "off"):
@@ -127,7 +129,8 @@ HELP = {
     "tensor_parallel_size": "split the model over this many ranks, one process per GPU (GPUs N, N+1, ... for "
                             "--device cuda:N), NCCL between them; on CPU, processes talking gloo",
     "seed": "seed of the data plane's sampler for unseeded requests",
-    "num_threads": "CPU threads for torch (0 = torch's default)",
+    "num_threads": "threads torch computes with (0 = auto: on a CPU, every core this process may run on, shared "
+                   "between the tensor-parallel ranks; on a GPU, torch's default)",
     "tls_cert": "PEM certificate (chain) of this server; with --tls-key, control planes must use TLS",
     "tls_key": "PEM private key of --tls-cert",
     "tls_client_ca": "PEM CA certificate: accept only control planes presenting a client certificate it signed "

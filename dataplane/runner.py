@@ -26,6 +26,7 @@ from dataplane.attention import available_backends
 from dataplane.batch_state import BatchState, PlanError, StepInputs
 from dataplane.config import DataPlaneConfig
 from dataplane.context import AttentionMetadata, forward_context
+from dataplane.cpu_threads import resolve_num_threads, set_torch_threads
 from dataplane.cuda_graphs import DecodeGraphs
 from dataplane.distributed import get_tp_rank, get_tp_size, min_over_ranks, rank_device
 from dataplane.kv_cache import allocate_kv_cache, bind_kv_cache, num_blocks_for_bytes
@@ -104,8 +105,10 @@ class ModelRunner:
         self.config = config
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.device = rank_device(config.device, self.tp_rank)
-        if config.num_threads > 0:
-            torch.set_num_threads(config.num_threads)
+        # on a CPU the step has run by the time launch() returns: the step loop does not pipeline it
+        self.launch_returns_early = self.device.type == "cuda"
+        self.num_threads = set_torch_threads(resolve_num_threads(config.num_threads, self.device.type,
+                                                                 self.tp_size))
         dtype_name = config.dtype if config.dtype != "auto" else ("bfloat16" if self.device.type == "cuda" else "float32")
         self.dtype = DTYPES[dtype_name]
         self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
@@ -147,7 +150,7 @@ class ModelRunner:
                  cuda_graphs=self.graphs.batch_sizes if self.graphs and self.graphs.use_graphs else None,
                  dtype=dtype_name, quantization=config.quantization, kv_cache_dtype=str(self.kv_dtype),
                  attention_backend=self.attention_backend, num_kv_blocks=self.num_blocks,
-                 block_size=config.block_size, max_model_len=self.max_model_len,
+                 block_size=config.block_size, max_model_len=self.max_model_len, num_threads=self.num_threads,
                  load_s=round(time.perf_counter() - started, 2))
 
     def _wants_warm_up(self) -> bool:

@@ -11,7 +11,10 @@ plane sends plan N+1 before it reads result N, and N+2 while N+1 runs: so while 
 runs, the loop polls for the next plan as well as for the step's outputs (PendingStep.ready),
 rather than blocking on the outputs and launching N+2 only after N+1 has finished, which
 would leave the device idle for a whole launch per step. A runner without
-`launch(plan) -> PendingStep` runs each plan to completion at launch.
+`launch(plan) -> PendingStep`, or one whose `launch_returns_early` is False (the CPU: the
+step has run by the time launch returns), gets one step at a time: launching the plan
+that is already waiting before answering the finished step would only hold its result back
+a whole step, and polling for it costs the cores the step needs.
 
 A plan the runner or the codec rejects (PlanError, ValueError) ends the session with
 PlanRejected, after the steps still in flight have drained; the transport reports it
@@ -89,9 +92,14 @@ def _result(plan: StepPlan, pending) -> StepResult:
     return result
 
 
+def pipelines(runner) -> bool:
+    """Whether a step is launched while the one before it still runs: only where launch() returns before the
+    step is done (a GPU). On a CPU the step ran inside launch(), so there is nothing to overlap it with."""
+    return hasattr(runner, "launch") and getattr(runner, "launch_returns_early", True)
+
+
 def run_steps(runner, source: PlanSource) -> Iterator[StepResult]:
-    # without launch() a step runs whole at launch: launching the next one first would only delay this result
-    depth = MAX_IN_FLIGHT if hasattr(runner, "launch") else 1
+    depth = MAX_IN_FLIGHT if pipelines(runner) else 1
     in_flight: deque = deque()
     ended = False
     try:

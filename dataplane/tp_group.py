@@ -138,6 +138,10 @@ class TensorParallelRunner:
     def facts(self):
         return self.runner.facts()
 
+    @property
+    def launch_returns_early(self) -> bool:
+        return self.runner.launch_returns_early
+
     def reset(self) -> None:
         with self._lock:
             self.group.publish(RESET)
