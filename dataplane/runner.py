@@ -25,6 +25,7 @@ import torch
 from dataplane.attention import available_backends
 from dataplane.batch_state import BatchState, PlanError, StepInputs
 from dataplane.config import DataPlaneConfig
+from dataplane.cpu_weights import convert_linear_layers, resolve_cpu_weights
 from dataplane.context import AttentionMetadata, forward_context
 from dataplane.cpu_threads import resolve_num_threads, set_torch_threads
 from dataplane.cuda_graphs import DecodeGraphs
@@ -124,6 +125,8 @@ class ModelRunner:
         else:
             self.model, self.model_config = load_model(config.model, self.dtype, self.device, config.quantization)
         self.model.eval()
+        self.cpu_weights = resolve_cpu_weights(config.cpu_weights, config.model, self.device)
+        convert_linear_layers(self.model, self.cpu_weights)
         mc: ModelConfig = self.model_config
         if self.kv_dtype == FP8_KV_DTYPE:
             calibrate_kv_scales(self.model, mc.vocab_size, self.device, self.dtype, config.seed)
@@ -148,7 +151,7 @@ class ModelRunner:
         log.info("data plane ready", tp_rank=self.tp_rank, tp_size=self.tp_size, model=config.model,
                  architecture=mc.architecture, device=str(self.device),
                  cuda_graphs=self.graphs.batch_sizes if self.graphs and self.graphs.use_graphs else None,
-                 dtype=dtype_name, quantization=config.quantization, kv_cache_dtype=str(self.kv_dtype),
+                 dtype=dtype_name, quantization=config.quantization, cpu_weights=self.cpu_weights, kv_cache_dtype=str(self.kv_dtype),
                  attention_backend=self.attention_backend, num_kv_blocks=self.num_blocks,
                  block_size=config.block_size, max_model_len=self.max_model_len, num_threads=self.num_threads,
                  load_s=round(time.perf_counter() - started, 2))

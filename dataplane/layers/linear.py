@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataplane.distributed import all_reduce, divide, get_tp_rank, get_tp_size, local_num_kv_heads
+from dataplane.cpu_weights import INT4_DTYPE, bf16_linear, int4_linear
 from dataplane.layers.fp8 import FP8_DTYPE, fp8_linear
 
 
@@ -56,6 +57,10 @@ class LinearBase(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.weight.dtype == FP8_DTYPE:  # quantised at load (layers/fp8.py)
             return fp8_linear(x, self.weight, self.weight_scale, bias)
+        if self.weight.dtype != x.dtype:  # --cpu-weights, converted at load (dataplane/cpu_weights.py)
+            if self.weight.dtype == INT4_DTYPE:
+                return int4_linear(x, self.weight, self.weight_scale_and_zero, bias)
+            return bf16_linear(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
 
 
