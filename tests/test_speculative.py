@@ -274,3 +274,35 @@ def test_spec_decode_metrics_count_drafts_and_acceptance(runner):
     for position in (0, 1):
         assert (f'nanoplane:spec_decode_num_accepted_tokens_per_pos_total{{model_name="tiny",position="{position}"}} '
                 f'{float(c.accepted_per_position[position])}') in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_drafts_run_as_decode_rows_in_the_cuda_graphs_and_keep_greedy_tokens(tmp_path):
+    """On the GPU a step of decodes and drafts runs each draft as a one-token decode row (its context ending at
+    itself) through the decode CUDA graphs; in fp32 the greedy tokens equal the non-speculative run's."""
+    path = save_tiny_model("qwen3", tmp_path, vocab_size=VOCAB, seed=0)
+    cuda = ModelRunner(DataPlaneConfig(model=str(path), device="cuda", dtype="float32", attention_backend="triton",
+                                       block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS, max_num_seqs=32,
+                                       max_num_batched_tokens=2048, max_model_len=512))
+    assert cuda.graphs is not None and cuda.graphs.use_graphs
+    graph_steps = []
+    original_run = cuda.graphs.run
+    cuda.graphs.run = lambda ids, positions, meta: graph_steps.append(meta.num_seqs) or original_run(ids, positions,
+                                                                                                     meta)
+
+    def scheduler(k: int) -> Scheduler:
+        s = Scheduler(SchedulerConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=32,
+                                      max_num_batched_tokens=2048, max_model_len=512, eos_token_ids=(2,)))
+        if k:
+            s.speculator = Speculator(SpeculativeConfig("ngram", k))
+        return s
+
+    prompts = copy_prompts(4)
+    plain = run(cuda, scheduler(0), seqs_for(prompts, temperature=0.0))
+    plain_graph_steps, graph_steps[:] = list(graph_steps), []
+    spec = scheduler(4)
+    speculated = run(cuda, spec, seqs_for(prompts, temperature=0.0))
+    assert speculated == plain
+    assert spec.speculator.counters.num_accepted_tokens > 10
+    assert plain_graph_steps and max(graph_steps) > max(plain_graph_steps)  # draft rows went through the graphs
