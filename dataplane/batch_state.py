@@ -226,13 +226,13 @@ class BatchState:
         grammar_rows = plan.grammar_rows
         if len(grammar_rows) and np.any(spec):  # they index sampling entries; the logits have a row per sample
             grammar_rows = (np.cumsum(rows_per_entry) - 1)[grammar_rows]
-        query_start, attn_seq_lens, attn_slots = cu_seqlens, seq_lens, slots
+        query_start, attn_seq_lens, attn_slots, max_query_len = cu_seqlens, seq_lens, slots, int(counts.max())
         if np.any(spec) and np.all(spec | (counts == 1)):
             # A decode step with drafts: each token becomes a one-token query over its slot's blocks that
             # sees the context up to itself (every token's KV is stored before attention in each layer),
             # which is the causal verification, run by the decode kernels and their CUDA graphs.
             query_start = np.arange(num_tokens + 1, dtype=np.int64)
-            attn_seq_lens, attn_slots = positions + 1, token_slots
+            attn_seq_lens, attn_slots, max_query_len = positions + 1, token_slots, 1
         inputs = StepInputs(
             input_ids=None,  # _finish_inputs: from ids and the slots' last sampled tokens
             positions=stage(positions, torch.long),
@@ -241,7 +241,7 @@ class BatchState:
                 query_start_loc=stage(query_start, torch.int32),
                 seq_lens=stage(attn_seq_lens, torch.int32),
                 block_tables=stage(attn_slots, torch.long),  # the rows to gather, replaced in _finish_inputs
-                max_query_len=int(np.diff(query_start).max()),
+                max_query_len=max_query_len,
                 max_seq_len=int(seq_lens.max()),
                 query_start_loc_cpu=query_start.tolist(),
                 seq_lens_cpu=attn_seq_lens.tolist(),

@@ -27,8 +27,8 @@ INT4_DTYPE = torch.uint8  # the packed weight: two 4-bit codes per byte, [N, K /
 _ACTIVATION_DTYPE = torch.bfloat16  # the only fast one: the kernel's fp32 path is scalar (~20x slower)
 
 
-def resolve_cpu_weights(flag: str, model_path: str, device: torch.device) -> str:
-    """--cpu-weights and the model -> "fp32" (the model's dtype, untouched), "bf16" or "int4"."""
+def resolve_cpu_weights(flag: str, device: torch.device) -> str:
+    """--cpu-weights on this device -> "fp32" (the model's dtype, untouched), "bf16" or "int4"."""
     if flag not in CPU_WEIGHTS_CHOICES:
         raise ValueError(f"unsupported --cpu-weights {flag!r}; supported: {', '.join(CPU_WEIGHTS_CHOICES)}")
     if device.type != "cpu":

@@ -125,7 +125,7 @@ class ModelRunner:
         else:
             self.model, self.model_config = load_model(config.model, self.dtype, self.device, config.quantization)
         self.model.eval()
-        self.cpu_weights = resolve_cpu_weights(config.cpu_weights, config.model, self.device)
+        self.cpu_weights = resolve_cpu_weights(config.cpu_weights, self.device)
         convert_linear_layers(self.model, self.cpu_weights)
         mc: ModelConfig = self.model_config
         if self.kv_dtype == FP8_KV_DTYPE:

@@ -46,7 +46,6 @@ import bisect
 import heapq
 import itertools
 from collections import deque
-from itertools import islice
 from dataclasses import dataclass
 
 import structlog
@@ -316,7 +315,7 @@ class Scheduler:
                 raise ValueError(f"result {result.step_id} has a token for slot {slot}, empty in that plan")
             seq.num_pending_tokens -= 1
             if seq.spec_drafts is not None:  # this row and the next len(drafts) are its samples
-                self._take_speculative_result(seq, [token] + [t for _, t in islice(rows, len(seq.spec_drafts))], out)
+                self._take_speculative_result(seq, [token] + [t for _, t in itertools.islice(rows, len(seq.spec_drafts))], out)
                 continue
             if seq.status is finished:
                 self.num_discarded_tokens += 1  # aborted, or stopped by the token before

@@ -50,8 +50,8 @@ def test_converted_linear_stays_close_to_fp32(cpu_weights):
 
 
 def test_flag_resolution():
-    assert resolve_cpu_weights("auto", "model.gguf", torch.device("cpu")) == "fp32"
-    assert resolve_cpu_weights("int4", "model.gguf", torch.device("cpu")) == "int4"
-    assert resolve_cpu_weights("int4", "model.gguf", torch.device("cuda")) == "fp32"  # the GPU path is untouched
+    assert resolve_cpu_weights("auto", torch.device("cpu")) == "fp32"
+    assert resolve_cpu_weights("int4", torch.device("cpu")) == "int4"
+    assert resolve_cpu_weights("int4", torch.device("cuda")) == "fp32"  # the GPU path is untouched
     with pytest.raises(ValueError, match="supported: auto, fp32, bf16, int4"):
-        resolve_cpu_weights("int8", "model.gguf", torch.device("cpu"))
+        resolve_cpu_weights("int8", torch.device("cpu"))
