@@ -12,6 +12,7 @@ random bf16 weights, unless --model is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -28,7 +29,8 @@ from controlplane.core.sequence import SamplingOptions, Sequence  # noqa: E402
 
 
 def decode_step_times(dataplane: LocalDataPlane, batch_size: int, context: int, steps: int,
-                      vocab_size: int) -> tuple[list[float], list[float]]:
+                      vocab_size: int, around_timed=contextlib.nullcontext) -> tuple[list[float], list[float]]:
+    """around_timed: a context manager entered around the timed steps alone (a profiler)."""
     facts = dataplane.runner.facts()
     scheduler = Scheduler(SchedulerConfig(
         num_blocks=facts.num_kv_blocks, block_size=facts.block_size, max_num_seqs=facts.max_num_seqs,
@@ -53,7 +55,8 @@ def decode_step_times(dataplane: LocalDataPlane, batch_size: int, context: int, 
         one_step()
     for _ in range(5):
         one_step()
-    timings = [one_step() for _ in range(steps)]
+    with around_timed():
+        timings = [one_step() for _ in range(steps)]
     return [t for t, _ in timings], [e for _, e in timings]
 
 
