@@ -6,7 +6,10 @@
 Each batch size gets its own run: B sequences of --context random prompt tokens are
 prefilled, then --steps decode steps are timed one by one (greedy, ignore_eos). A step is
 the control plane's schedule + the data plane's execute (which returns the sampled ids on
-the host) + postprocess; `execute` alone is reported too. Model: Qwen3-0.6B architecture,
+the host) + postprocess; `execute` alone is reported too. `overlapped` is the engine's own
+loop (the control plane plans and launches step N+1 while step N runs, benchmarks/throughput.py's
+overlapped_step): the interval between consecutive steps' results, i.e. the time per output token
+of each sequence. Model: Qwen3-0.6B architecture,
 random bf16 weights, unless --model is given.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.throughput import QWEN3_0_6B, LocalDataPlane  # noqa: E402
+from benchmarks.throughput import QWEN3_0_6B, LocalDataPlane, overlapped_step  # noqa: E402
 from controlplane.core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from controlplane.core.sequence import SamplingOptions, Sequence  # noqa: E402
 
@@ -58,6 +61,31 @@ def decode_step_times(dataplane: LocalDataPlane, batch_size: int, context: int, 
     with around_timed():
         timings = [one_step() for _ in range(steps)]
     return [t for t, _ in timings], [e for _, e in timings]
+
+
+def overlapped_step_times(dataplane: LocalDataPlane, batch_size: int, context: int, steps: int,
+                          vocab_size: int) -> list[float]:
+    """Seconds between consecutive results of the engine's overlapped loop (one step in flight)."""
+    facts = dataplane.runner.facts()
+    scheduler = Scheduler(SchedulerConfig(
+        num_blocks=facts.num_kv_blocks, block_size=facts.block_size, max_num_seqs=facts.max_num_seqs,
+        max_num_batched_tokens=facts.max_num_batched_tokens, max_model_len=facts.max_model_len))
+    rng = np.random.default_rng(0)
+    for i in range(batch_size):
+        scheduler.add(Sequence(f"s{i}", rng.integers(0, vocab_size, context).tolist(),
+                               SamplingOptions(max_tokens=steps + 40, temperature=0.0, ignore_eos=True)))
+    dataplane.open_stream()
+    while scheduler.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in scheduler.running):
+        overlapped_step(scheduler, dataplane)
+    for _ in range(10):
+        overlapped_step(scheduler, dataplane)
+    stamps = []
+    for _ in range(steps + 1):
+        overlapped_step(scheduler, dataplane)
+        stamps.append(time.perf_counter())
+    while scheduler.in_flight:  # the last result, so the next run starts from an idle data plane
+        scheduler.postprocess(scheduler.in_flight[0].plan, dataplane.receive())
+    return list(np.diff(stamps))
 
 
 def summary(seconds: list[float]) -> dict:
@@ -96,7 +124,9 @@ def main() -> None:
             step_s, execute_s = decode_step_times(dataplane, batch_size, args.context, args.steps, facts.vocab_size)
             rows.append({"tensor_parallel_size": args.tensor_parallel_size, "batch_size": batch_size,
                          "context": args.context, "device": facts.device, "cuda_graphs": facts.device.startswith("cuda") and not args.enforce_eager,
-                         "step": summary(step_s), "execute": summary(execute_s)})
+                         "step": summary(step_s), "execute": summary(execute_s),
+                         "overlapped": summary(overlapped_step_times(dataplane, batch_size, args.context, args.steps,
+                                                                     facts.vocab_size))})
             print(json.dumps(rows[-1]), flush=True)
     finally:
         dataplane.close()
