@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from tests.triton_interpreter import HAS_CUDA, kernel_module, use_interpreter_without_cuda
+from tests.triton_interpreter import HAS_CUDA, interpreter_numpy_compat, kernel_module, use_interpreter_without_cuda
 
 use_interpreter_without_cuda()
 pytest.importorskip("triton", reason="triton is not installed: the fused kernel cannot run here")
@@ -23,6 +23,9 @@ from dataplane.attention import reference  # noqa: E402
 from dataplane.kv_fp8 import FP8_KV_DTYPE, quantize_kv  # noqa: E402
 from dataplane.layers.layernorm import RMSNorm  # noqa: E402
 from dataplane.layers.rotary import RotaryEmbedding  # noqa: E402
+
+if not HAS_CUDA:
+    interpreter_numpy_compat()  # the decode attention kernel's loops, in the model tests
 
 fused_qkv = kernel_module("dataplane.layers.fused_qkv")
 fused_ops = kernel_module("dataplane.layers.fused_ops")
@@ -151,3 +154,121 @@ def test_gpu_norm_rope_store_qwen3_shapes(dtype, qk_norm, num_tokens):
 def test_gpu_norm_rope_store_qwen3_shapes_fp8(num_tokens):
     check_norm_rope_store(num_tokens, 16, 8, 128, torch.bfloat16, qk_norm=True, fp8=True, block_size=16,
                           num_blocks=64, max_position=40960, seed=num_tokens)
+
+
+# ---------------------------------------------------------------- the model with the fusion on and off
+
+from dataplane.layers import attention as attention_layer  # noqa: E402
+from dataplane.layers.attention import Attention, get_selected_backend, set_attention_backend  # noqa: E402
+from dataplane.loader import load_model  # noqa: E402
+from tests.dataplane.test_models_parity import PagedDriver, random_prompt  # noqa: E402
+from tests.kernel_launches import count_launches  # noqa: E402
+from tests.tiny_models import save_tiny_model  # noqa: E402
+
+VOCAB = 256
+
+
+@pytest.fixture
+def gate_open_on_cpu(monkeypatch):
+    """The fused paths for CPU tensors too (the gate opens for CUDA only), still closed by the env switch."""
+    if not HAS_CUDA:
+        monkeypatch.setattr(fused_ops, "enabled_for",
+                            lambda x: os.environ.get(fused_ops.DISABLE_ENV, "") in ("", "0"))
+    from dataplane.layers import activation, layernorm, rotary
+    for module in (layernorm, rotary, activation, attention_layer):
+        monkeypatch.setattr(module, "fused_ops", fused_ops)
+    monkeypatch.setattr(attention_layer, "fused_qkv", fused_qkv)
+    previous = get_selected_backend().name
+    set_attention_backend("triton")
+    yield
+    set_attention_backend(previous)
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def tiny(request, tmp_path_factory):
+    path = save_tiny_model(request.param, tmp_path_factory.mktemp(request.param), vocab_size=VOCAB)
+    model, config = load_model(path, dtype=torch.float32, device=DEVICE)
+    return request.param, model, config
+
+
+def greedy(model, config, num_new: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Two prompts prefilled together, then num_new - 1 batched decode steps -> (tokens, last logits per step)."""
+    driver = PagedDriver(model, config, num_blocks=8, device=DEVICE)
+    prompts = [random_prompt(11, seed=1)[:11], random_prompt(6, seed=2)[:6]]
+    prompts = [[t % VOCAB for t in p] for p in prompts]
+    chunks = list(enumerate(prompts))
+    tokens, logits = [[], []], []
+    for _ in range(num_new):
+        step_logits = driver.step(chunks)
+        logits.append(torch.stack([chunk[-1] for chunk in step_logits]))
+        for seq, chunk in enumerate(step_logits):
+            tokens[seq].append(int(chunk[-1].argmax()))
+        chunks = [(seq, tokens[seq][-1:]) for seq in range(2)]
+    return tokens, logits
+
+
+def test_greedy_tokens_equal_with_fusion_on_and_off(tiny, gate_open_on_cpu, monkeypatch):
+    _, model, config = tiny
+    fused_tokens, fused_logits = greedy(model, config, num_new=4)
+    monkeypatch.setenv(fused_ops.DISABLE_ENV, "1")
+    unfused_tokens, unfused_logits = greedy(model, config, num_new=4)
+    assert fused_tokens == unfused_tokens
+    for fused, unfused in zip(fused_logits, unfused_logits):
+        torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=0)
+
+
+def test_a_decode_layer_launches_fewer_kernels(tiny, gate_open_on_cpu):
+    """Qwen3's q norm, k norm, rotary and KV store become one launch; Llama's rotary and store."""
+    arch, model, config = tiny
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    driver = PagedDriver(model, config, num_blocks=8, device=DEVICE)
+    driver.step([(0, [5, 6, 7]), (1, [8, 9])])
+    counts = {}
+    for fuse in (True, False):
+        for layer in layers:
+            layer.fuse_qkv = fuse
+        with count_launches() as names:
+            driver.step([(0, [10]), (1, [11])])
+        counts[fuse] = names
+    for layer in layers:
+        layer.fuse_qkv = True
+    per_layer_saved = 3 if arch == "qwen3" else 1
+    assert len(counts[False]) - len(counts[True]) == per_layer_saved * len(layers), (counts[True], counts[False])
+    assert counts[True].count("triton.norm_rope_store_kernel") == len(layers)
+    assert "triton.store_kvcache_kernel" not in counts[True] and "triton.rotary_kernel" not in counts[True]
+    assert counts[False].count("triton.store_kvcache_kernel") == len(layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_decode_graph_tokens_equal_with_fusion_on_and_off(tmp_path, dtype, monkeypatch):
+    """Qwen3-0.6B's layer shapes (hidden 1024, 16/8 heads of 128) in two layers, prefilled eagerly and decoded
+    through captured CUDA graphs (DecodeGraphs), with the fusion on and then off: the same greedy tokens."""
+    from dataplane.cuda_graphs import DecodeGraphs
+
+    path = save_tiny_model("qwen3", tmp_path, vocab_size=1024, hidden_size=1024, intermediate_size=3072,
+                           num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+    num_seqs, num_blocks, num_new = 3, 24, 12
+    prompts = [random_prompt(37 + 5 * s, seed=s) for s in range(num_seqs)]
+    previous = get_selected_backend().name
+    set_attention_backend("triton")
+    try:
+        runs = []
+        for disabled in ("0", "1"):
+            monkeypatch.setenv(fused_ops.DISABLE_ENV, disabled)
+            model, config = load_model(path, dtype=dtype, device="cuda")
+            driver = PagedDriver(model, config, num_blocks=num_blocks, dtype=dtype, device="cuda")  # binds the cache
+            graphs = DecodeGraphs(model, 4, num_blocks, num_blocks * 16, config.hidden_size, dtype,
+                                  torch.device("cuda"))
+            graphs.capture()
+            tokens = [[int(chunk[-1].argmax())] for chunk in driver.step(list(enumerate(prompts)))]
+            with torch.inference_mode():
+                for _ in range(num_new):
+                    meta, ids, positions = driver.inputs([(s, tokens[s][-1:]) for s in range(num_seqs)])
+                    for s, row in enumerate(model.compute_logits(graphs.run(ids, positions, meta))):
+                        tokens[s].append(int(row.argmax()))
+            graphs.release()
+            runs.append(tokens)
+        assert runs[0] == runs[1]
+    finally:
+        set_attention_backend(previous)
