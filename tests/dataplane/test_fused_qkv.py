@@ -132,8 +132,8 @@ def test_norm_rope_store_odd_heads():
 def test_norm_rope_store_empty_batch():
     qkv = torch.zeros(0, 64, device=DEVICE)
     cache = torch.zeros(2, 4, 1, 16, device=DEVICE)
-    q = fused_qkv.norm_rope_store(qkv, torch.zeros(0, dtype=torch.long, device=DEVICE), torch.zeros(8, 16, device=DEVICE),
-                                  cache, cache.clone(), torch.zeros(0, dtype=torch.long, device=DEVICE),
+    no_tokens = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    q = fused_qkv.norm_rope_store(qkv, no_tokens, torch.zeros(8, 16, device=DEVICE), cache, cache.clone(), no_tokens,
                                   num_heads=2, num_kv_heads=1, head_dim=16)
     assert q.shape == (0, 32)
 
