@@ -258,8 +258,7 @@ def test_gpu_decode_graph_tokens_equal_with_fusion_on_and_off(tmp_path, dtype, m
             monkeypatch.setenv(fused_ops.DISABLE_ENV, disabled)
             model, config = load_model(path, dtype=dtype, device="cuda")
             driver = PagedDriver(model, config, num_blocks=num_blocks, dtype=dtype, device="cuda")  # binds the cache
-            graphs = DecodeGraphs(model, 4, num_blocks, num_blocks * 16, config.hidden_size, dtype,
-                                  torch.device("cuda"))
+            graphs = DecodeGraphs(model, 4, num_blocks, num_blocks * 16, torch.device("cuda"))
             graphs.capture()
             tokens = [[int(chunk[-1].argmax())] for chunk in driver.step(list(enumerate(prompts)))]
             with torch.inference_mode():
