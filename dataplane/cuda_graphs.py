@@ -10,7 +10,8 @@ Every graph reads the same static input buffers and all share one memory pool; e
 returns the hidden states its capture allocated (no copy into a shared output buffer:
 a step's sampling reads them before the stream replays another graph). Attention metadata inside a graph must come from tensors alone:
 max_seq_len is pinned to max_model_len at capture, so the kernels size their grids for
-the longest context and read each sequence's real length from seq_lens.
+the longest context and read each sequence's real length from seq_lens. On CUDA one kernel
+(graph_staging.py) stages a step's inputs into the static buffers.
 """
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ from torch import nn
 
 from dataplane.context import AttentionMetadata, forward_context
 from dataplane.distributed import call_before_destroy
+
+try:
+    from dataplane import graph_staging
+    from dataplane.layers import fused_ops
+except ModuleNotFoundError as e:  # no Triton: the torch code stages the inputs
+    if e.name != "triton":
+        raise
+    graph_staging = fused_ops = None
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -84,6 +93,21 @@ class DecodeGraphs:
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n = meta.num_seqs
         bs = next(s for s in self.batch_sizes if s >= n)
+        self.stage(bs, input_ids, positions, meta)
+        if self.use_graphs:
+            self.graphs[bs].replay()
+            return self.outputs[bs][:n]
+        with forward_context(self._meta(bs)):
+            return self.model(self.input_ids[:bs], self.positions[:bs])[:n]
+
+    def stage(self, bs: int, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
+        """The step's inputs into rows [0, n) of the static buffers, padding into rows [n, bs)."""
+        n = meta.num_seqs
+        if graph_staging is not None and fused_ops.enabled_for(input_ids):
+            graph_staging.stage_decode_inputs(bs, input_ids, positions, meta.slot_mapping, meta.seq_lens,
+                                              meta.block_tables, self.input_ids, self.positions, self.slot_mapping,
+                                              self.seq_lens, self.block_tables)
+            return
         self.input_ids[:n] = input_ids
         self.positions[:n] = positions
         self.slot_mapping[:n] = meta.slot_mapping
@@ -93,8 +117,3 @@ class DecodeGraphs:
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width] = meta.block_tables
         self.block_tables[n:bs] = 0
-        if self.use_graphs:
-            self.graphs[bs].replay()
-            return self.outputs[bs][:n]
-        with forward_context(self._meta(bs)):
-            return self.model(self.input_ids[:bs], self.positions[:bs])[:n]
