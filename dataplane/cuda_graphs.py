@@ -7,11 +7,13 @@ Captured sizes are 1, 2, 4, 8, then steps of 16 up to max_num_seqs; a decode bat
 n sequences replays the smallest graph of size >= n, its extra rows padded (slot
 mapping -1, so they write no KV; context length 1, so they read one harmless slot).
 Every graph reads the same static input buffers and all share one memory pool; each
-returns the hidden states its capture allocated (no copy into a shared output buffer:
-a step's sampling reads them before the stream replays another graph). Attention metadata inside a graph must come from tensors alone:
-max_seq_len is pinned to max_model_len at capture, so the kernels size their grids for
-the longest context and read each sequence's real length from seq_lens. On CUDA one kernel
-(graph_staging.py) stages a step's inputs into the static buffers.
+returns the hidden states its capture allocated, not a copy in a buffer of its own: they
+may share memory with another graph's intermediates, and a step's sampling reads them
+before the stream replays any other graph. Attention metadata inside a graph must come
+from tensors alone: max_seq_len is pinned to max_model_len at capture, so the kernels
+size their grids for the longest context and read each sequence's real length from
+seq_lens. On CUDA one kernel (graph_staging.py) stages a step's inputs into the static
+buffers.
 """
 from __future__ import annotations
 

@@ -194,8 +194,7 @@ def tiny(request, tmp_path_factory):
 def greedy(model, config, num_new: int) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Two prompts prefilled together, then num_new - 1 batched decode steps -> (tokens, last logits per step)."""
     driver = PagedDriver(model, config, num_blocks=8, device=DEVICE)
-    prompts = [random_prompt(11, seed=1)[:11], random_prompt(6, seed=2)[:6]]
-    prompts = [[t % VOCAB for t in p] for p in prompts]
+    prompts = [[t % VOCAB for t in random_prompt(length, seed=length)] for length in (11, 6)]
     chunks = list(enumerate(prompts))
     tokens, logits = [[], []], []
     for _ in range(num_new):
