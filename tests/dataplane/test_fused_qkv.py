@@ -72,9 +72,9 @@ def check_norm_rope_store(num_tokens: int, num_heads: int, num_kv_heads: int, he
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     qkv = (torch.randn(num_tokens, q_size + 2 * kv_size, generator=gen) * 2).to(device=DEVICE, dtype=dtype)
     positions = torch.randint(0, max_position, (num_tokens,), generator=gen).to(DEVICE)
-    # distinct slots in scattered blocks, every third token padding
+    # distinct slots in scattered blocks, every third token padding (the first stores, so one token does too)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
-    slots[::3] = -1
+    slots[2::3] = -1
     slot_mapping = slots.to(DEVICE)
     written = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
     written[slot_mapping[slot_mapping >= 0]] = True
