@@ -54,6 +54,11 @@ class StepInputs:
     sampler_plan: SamplerPlan | None = None
     # structured output: sampled-row indices (int64) and their bitmasks (int32 [n, words]), or None
     grammar: tuple[torch.Tensor, torch.Tensor] | None = None
+    samples_every_row: bool = False  # sample_indices is 0, 1, ..., num_tokens - 1 (a decode step)
+
+    def sampled_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The rows of hidden to sample from; all of them without a gather when every row samples."""
+        return hidden if self.samples_every_row else hidden[self.sample_indices]
 
 
 @dataclass(slots=True)
@@ -247,6 +252,7 @@ class BatchState:
                 seq_lens_cpu=attn_seq_lens.tolist(),
             ),
             sample_indices=stage(sample_rows, torch.long),
+            samples_every_row=bool(np.array_equal(sample_rows, np.arange(num_tokens))),
             sampled_slots=sampled_slots.astype(np.int32),
             sampling=sampling,
             prompt_logprobs=self._prompt_logprob_inputs(plan, cu_seqlens),

@@ -6,10 +6,14 @@ and eager execute identical kernels and give bit-identical tokens (bf16 included
 Captured sizes are 1, 2, 4, 8, then steps of 16 up to max_num_seqs; a decode batch of
 n sequences replays the smallest graph of size >= n, its extra rows padded (slot
 mapping -1, so they write no KV; context length 1, so they read one harmless slot).
-Every graph reads the same static input buffers and writes one static output, and all
-share one memory pool. Attention metadata inside a graph must come from tensors alone:
-max_seq_len is pinned to max_model_len at capture, so the kernels size their grids for
-the longest context and read each sequence's real length from seq_lens.
+Every graph reads the same static input buffers and all share one memory pool; each
+returns the hidden states its capture allocated, not a copy in a buffer of its own: they
+may share memory with another graph's intermediates, and a step's sampling reads them
+before the stream replays any other graph. Attention metadata inside a graph must come
+from tensors alone: max_seq_len is pinned to max_model_len at capture, so the kernels
+size their grids for the longest context and read each sequence's real length from
+seq_lens. On CUDA one kernel (graph_staging.py) stages a step's inputs into the static
+buffers.
 """
 from __future__ import annotations
 
@@ -18,6 +22,14 @@ from torch import nn
 
 from dataplane.context import AttentionMetadata, forward_context
 from dataplane.distributed import call_before_destroy
+
+try:
+    from dataplane import graph_staging
+    from dataplane.layers import fused_ops
+except ModuleNotFoundError as e:  # no Triton: the torch code stages the inputs
+    if e.name != "triton":
+        raise
+    graph_staging = fused_ops = None
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -30,7 +42,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_blocks_per_seq: int, max_model_len: int,
-                 hidden_size: int, dtype: torch.dtype, device: torch.device, use_graphs: bool = True):
+                 device: torch.device, use_graphs: bool = True):
         self.model = model
         self.use_graphs = use_graphs
         self.max_model_len = max_model_len
@@ -42,8 +54,8 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # batch size -> the hidden states its graph writes
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -59,10 +71,10 @@ class DecodeGraphs:
         for bs in reversed(self.batch_sizes):  # largest first, so smaller graphs reuse its pool
             graph = torch.cuda.CUDAGraph()
             with forward_context(self._meta(bs)):
-                self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up, compiles kernels
+                self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up, compiles kernels
                 torch.cuda.synchronize()
                 with torch.cuda.graph(graph, pool):
-                    self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+                    self.outputs[bs] = self.model(self.input_ids[:bs], self.positions[:bs])
             pool = graph.pool() if pool is None else pool
             self.graphs[bs] = graph
         torch.cuda.synchronize()
@@ -74,6 +86,7 @@ class DecodeGraphs:
         for graph in self.graphs.values():
             graph.reset()
         self.graphs.clear()
+        self.outputs.clear()
         self.use_graphs = False
 
     def can_run(self, meta: AttentionMetadata) -> bool:
@@ -82,6 +95,21 @@ class DecodeGraphs:
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n = meta.num_seqs
         bs = next(s for s in self.batch_sizes if s >= n)
+        self.stage(bs, input_ids, positions, meta)
+        if self.use_graphs:
+            self.graphs[bs].replay()
+            return self.outputs[bs][:n]
+        with forward_context(self._meta(bs)):
+            return self.model(self.input_ids[:bs], self.positions[:bs])[:n]
+
+    def stage(self, bs: int, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
+        """The step's inputs into rows [0, n) of the static buffers, padding into rows [n, bs)."""
+        n = meta.num_seqs
+        if graph_staging is not None and fused_ops.enabled_for(input_ids):
+            graph_staging.stage_decode_inputs(bs, input_ids, positions, meta.slot_mapping, meta.seq_lens,
+                                              meta.block_tables, self.input_ids, self.positions, self.slot_mapping,
+                                              self.seq_lens, self.block_tables)
+            return
         self.input_ids[:n] = input_ids
         self.positions[:n] = positions
         self.slot_mapping[:n] = meta.slot_mapping
@@ -91,9 +119,3 @@ class DecodeGraphs:
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width] = meta.block_tables
         self.block_tables[n:bs] = 0
-        if self.use_graphs:
-            self.graphs[bs].replay()
-        else:
-            with forward_context(self._meta(bs)):
-                self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
-        return self.hidden[:n]

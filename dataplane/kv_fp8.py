@@ -56,13 +56,14 @@ def calibrate_kv_scales(model: nn.Module, vocab_size: int, device: torch.device,
     block_size = 16
     num_blocks = -(-num_tokens // block_size)
     handles = [layer.register_forward_pre_hook(record) for layer in layers]
-    saved = [(layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale) for layer in layers]
+    saved = [(layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale, layer.fuse_qkv) for layer in layers]
     try:
         for layer in layers:
             shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
             layer.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             layer.v_cache = torch.zeros(shape, dtype=dtype, device=device)
             layer.k_scale = layer.v_scale = 1.0
+            layer.fuse_qkv = False  # the hook sees k and v only on the unfused path
         generator = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, vocab_size, (num_tokens,), generator=generator).to(device)
         positions = torch.arange(num_tokens, device=device)
@@ -78,8 +79,9 @@ def calibrate_kv_scales(model: nn.Module, vocab_size: int, device: torch.device,
     finally:
         for handle in handles:
             handle.remove()
-        for layer, (k_cache, v_cache, k_scale, v_scale) in zip(layers, saved):
+        for layer, (k_cache, v_cache, k_scale, v_scale, fuse_qkv) in zip(layers, saved):
             layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale = k_cache, v_cache, k_scale, v_scale
+            layer.fuse_qkv = fuse_qkv
     scales = []
     for layer in layers:
         k_amax, v_amax = amax[id(layer)]

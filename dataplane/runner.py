@@ -144,7 +144,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and self.attention_backend != "torch":
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq, self.max_model_len,
-                                       mc.hidden_size, self.dtype, self.device, use_graphs=not config.enforce_eager)
+                                       self.device, use_graphs=not config.enforce_eager)
             self.graphs.capture()
         if self._wants_warm_up():
             warm_up(self)
@@ -293,4 +293,4 @@ def _join_logit_gathers(model: torch.nn.Module, hidden: torch.Tensor, inputs: St
         for start in range(0, len(rows), PROMPT_ROWS_PER_CHUNK):
             model.compute_logits(hidden[rows[start:start + PROMPT_ROWS_PER_CHUNK]])
     if len(inputs.sampled_slots):
-        model.compute_logits(hidden[inputs.sample_indices])
+        model.compute_logits(inputs.sampled_hidden(hidden))

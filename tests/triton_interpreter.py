@@ -42,3 +42,20 @@ def kernel_module(name: str):
         if not isinstance(kernel, InterpretedFunction):
             module = importlib.reload(module)
     return module
+
+
+def interpreter_numpy_compat():
+    """Triton 3.6's interpreter turns a scalar into an index with int() on a 1-element array,
+    which NumPy >= 2.4 refuses; loops like `range(start, end, BLOCK_N)` then fail. Index by .item()."""
+    from triton.runtime import interpreter
+    if getattr(interpreter._patch_lang_tensor, "nanoplane_compat", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor.nanoplane_compat = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+

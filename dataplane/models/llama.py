@@ -1,6 +1,7 @@
 """The Llama-family decoder (Llama, SmolLM2, Mistral; Qwen2, Qwen3, Qwen3-MoE and Mixtral via flags).
 
-attention (fused QKV, optional bias, optional per-head q/k RMSNorm, RoPE) -> MLP (fused
+attention (fused QKV, optional bias, optional per-head q/k RMSNorm, RoPE; on CUDA the norms,
+RoPE and the KV store are one kernel, see layers/attention.py) -> MLP (fused
 gate/up, SiLU-and-mul, down; or, where the config has experts, a mixture of experts from
 layers/moe.py) -> decoder layer (pre-norm, residual fused into the norms) -> model -> causal
 LM head. Architecture differences are constructor flags and checkpoint names; the other
@@ -44,7 +45,11 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(hidden_states)
+        if self.attn.fuses_qkv(qkv):
+            norms = (self.q_norm, self.k_norm) if self.qk_norm else ()
+            return self.o_proj(self.attn.forward_qkv(qkv, positions, self.rotary_emb, *norms))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm:
             q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim)).view(-1, self.q_size)
             k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim)).view(-1, self.kv_size)

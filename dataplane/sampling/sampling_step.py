@@ -47,7 +47,7 @@ class SamplingStep:
         if len(inputs.sampled_slots) == 0:
             return out
 
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        logits = self.model.compute_logits(inputs.sampled_hidden(hidden))
         s = inputs.sampling
         if len(s.logprob_rows) or len(s.penalty_rows):
             logits = logits.float()  # otherwise the sampler reads them as they are (the fused path: once)

@@ -154,14 +154,13 @@ def test_fp8_kv_cache_holds_k_and_v_within_e4m3_precision_and_logits_stay_close(
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [7, 1, 20]], ids=["decode", "mixed"])
 def test_triton_attention_reads_an_fp8_cache_as_the_reference_does(q_lens):
     """The decode and prefill kernels upcast FP8 tiles (under the interpreter here; compiled on a GPU)."""
-    from tests.triton_interpreter import HAS_CUDA, kernel_module, use_interpreter_without_cuda
+    from tests.triton_interpreter import HAS_CUDA, interpreter_numpy_compat, kernel_module, use_interpreter_without_cuda
     use_interpreter_without_cuda()
     pytest.importorskip("triton", reason="triton is not installed")
     from dataplane.attention import reference
     from dataplane.context import AttentionMetadata
-    from tests.dataplane.test_triton_kernels import _interpreter_numpy_compat
     if not HAS_CUDA:
-        _interpreter_numpy_compat()
+        interpreter_numpy_compat()
     backend = kernel_module("dataplane.attention.triton_decode"), kernel_module("dataplane.attention.triton_prefill")
     device = "cuda" if HAS_CUDA else "cpu"
     g = torch.Generator().manual_seed(3)

@@ -40,6 +40,14 @@ class PagedDriver:
 
     def step(self, chunks: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
         """chunks: (seq id, its new tokens) in batch order -> logits [len(tokens), vocab] per chunk."""
+        meta, ids, positions = self.inputs(chunks)
+        with torch.inference_mode(), forward_context(meta):
+            logits = self.model.compute_logits(self.model(ids, positions))
+        query_start_loc = meta.query_start_loc_cpu
+        return [logits[a:b] for a, b in zip(query_start_loc, query_start_loc[1:])]
+
+    def inputs(self, chunks: list[tuple[int, list[int]]]) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+        """Allocates the chunks' slots -> (metadata, input ids, positions) of the step that runs them."""
         ids, positions, slots, query_start_loc, seq_lens = [], [], [], [0], []
         for seq_id, tokens in chunks:
             start = self.num_cached.get(seq_id, 0)
@@ -62,10 +70,7 @@ class PagedDriver:
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
         )
-        with torch.inference_mode(), forward_context(meta):
-            hidden = self.model(torch.tensor(ids, **on_device), torch.tensor(positions, **on_device))
-            logits = self.model.compute_logits(hidden)
-        return [logits[a:b] for a, b in zip(query_start_loc, query_start_loc[1:])]
+        return meta, torch.tensor(ids, **on_device), torch.tensor(positions, **on_device)
 
 
 def random_prompt(length: int, seed: int) -> list[int]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tests.triton_interpreter import HAS_CUDA, kernel_module, use_interpreter_without_cuda
+from tests.triton_interpreter import HAS_CUDA, interpreter_numpy_compat, kernel_module, use_interpreter_without_cuda
 
 use_interpreter_without_cuda()
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run here")
@@ -27,24 +27,8 @@ from dataplane.attention import reference  # noqa: E402
 from dataplane.context import AttentionMetadata  # noqa: E402
 
 
-def _interpreter_numpy_compat():
-    """Triton 3.6's interpreter turns a scalar into an index with int() on a 1-element array,
-    which NumPy >= 2.4 refuses; loops like `range(start, end, BLOCK_N)` then fail. Index by .item()."""
-    from triton.runtime import interpreter
-    if getattr(interpreter._patch_lang_tensor, "nanoplane_compat", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patch_lang_tensor.nanoplane_compat = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
 if not HAS_CUDA:
-    _interpreter_numpy_compat()
+    interpreter_numpy_compat()
 
 
 store_kv_mod = kernel_module("dataplane.attention.triton_store_kv")
