@@ -33,8 +33,9 @@ from dataplane.layers.fused_ops import enabled_for  # noqa: F401  (Sampler.sampl
 from dataplane.sampling.fused_sample import draw_seed
 from dataplane.sampling.penalties import RowPenalties
 
-KEY_OF_MINUS_INF = -2139095041  # _key(-inf): below every finite value's key
-BITS = 32  # tokens per word of the seen-token bitmask
+KEY_OF_MINUS_INF = tl.constexpr(-2139095041)  # _key(-inf): below every finite value's key
+BITS_PER_WORD = 32  # tokens per word of the seen-token bitmask
+BITS = tl.constexpr(BITS_PER_WORD)
 
 
 @triton.jit
@@ -260,7 +261,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     rows that use them. Returns the sampled ids, int64 [N]; with write_kept also the kept set (bool [N, V],
     of rows that are not greedy) and the penalised logits (f32 [N, V], the same rows), for tests."""
     assert logits.dim() == 2, f"logits must be [N, V], got {tuple(logits.shape)}"
-    assert block_v >= BITS and block_v & (block_v - 1) == 0 and probes & (probes - 1) == 0
+    assert block_v >= BITS_PER_WORD and block_v & (block_v - 1) == 0 and probes & (probes - 1) == 0
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     num_rows, vocab_size = logits.shape
@@ -278,7 +279,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
         slots = torch.full((num_rows,), -1, dtype=torch.int64, device=device)
         rep, presence, frequency = (torch.zeros(num_rows, device=device) for _ in range(3))
         prompt_mask, counts, state_stride = out, out, 0  # never read: no row has a slot
-    seen_stride = triton.cdiv(vocab_size, block_v) * (block_v // BITS)
+    seen_stride = triton.cdiv(vocab_size, block_v) * (block_v // BITS_PER_WORD)
     seen = torch.empty(num_rows, seen_stride, dtype=torch.int32, device=device)
     kept = torch.zeros(num_rows, vocab_size, dtype=torch.int8, device=device) if write_kept else out
     penalised = torch.zeros(num_rows, vocab_size, dtype=torch.float32, device=device) if write_kept else out
