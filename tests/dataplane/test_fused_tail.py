@@ -122,12 +122,14 @@ def test_top_k_keeps_the_lowest_ids_among_ties_at_the_cut():
     logits = torch.zeros(2, 64, device=DEVICE)
     logits[:, [3, 10]] = 2.0
     logits[:, [5, 9, 20, 40, 41]] = 1.0  # the cut falls inside these ties
-    p = dict(temperature=torch.tensor([1.0, 1.0]), top_p=torch.tensor([1.0, 0.6]), top_k=torch.tensor([4, 5]),
+    p = dict(temperature=torch.tensor([1.0, 1.0]), top_p=torch.tensor([1.0, 0.75]), top_k=torch.tensor([4, 5]),
              min_p=torch.tensor([0.0, 0.0]), seed=torch.tensor([1, 2]), has_seed=torch.tensor([False, True]),
              positions=torch.tensor([0, 0]))
     p = {k: v.to(DEVICE) for k, v in p.items()}
     _, kept, _ = fused(logits, p, None, block_v=32)
     assert torch.nonzero(kept[0]).flatten().tolist() == [3, 5, 9, 10]
+    # top-k keeps 3, 5, 9, 10, 20; top-p's mass reaches 0.75 inside the ties: only the first of them stays
+    assert torch.nonzero(kept[1]).flatten().tolist() == [3, 5, 10]
     assert torch.equal(kept, torch_tail(logits, p, None)[1])
 
 
