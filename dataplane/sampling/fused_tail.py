@@ -29,7 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dataplane.layers.fused_ops import enabled_for  # noqa: F401  (Sampler.sample asks it)
 from dataplane.sampling.fused_sample import draw_seed
 from dataplane.sampling.penalties import RowPenalties
 

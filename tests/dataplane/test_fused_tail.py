@@ -20,7 +20,8 @@ pytest.importorskip("triton", reason="triton is not installed: the fused tail ca
 
 from dataplane.sampling import sampler as sampler_module  # noqa: E402
 from dataplane.sampling.penalties import PenaltyState, RowPenalties  # noqa: E402
-from dataplane.sampling.sampler import GREEDY_TEMPERATURE, Sampler, apply_min_p, apply_top_k_top_p, mix_seeds  # noqa: E402
+from dataplane.sampling.sampler import (GREEDY_TEMPERATURE, Sampler, apply_min_p, apply_top_k_top_p,  # noqa: E402
+                                        mix_seeds)
 
 fused_tail = kernel_module("dataplane.sampling.fused_tail")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -82,7 +83,8 @@ def torch_tail(logits: torch.Tensor, p: dict, penalties: RowPenalties | None):
 
 def fused(logits, p, penalties, generator_seed=0, **kwargs):
     return fused_tail.sample(logits, p["temperature"], p["top_p"], p["top_k"], p["min_p"], p["has_seed"],
-                             mix_seeds(p["seed"], p["positions"]), torch.Generator(device=DEVICE).manual_seed(generator_seed),
+                             mix_seeds(p["seed"], p["positions"]),
+                             torch.Generator(device=DEVICE).manual_seed(generator_seed),
                              greedy_below=GREEDY_TEMPERATURE, penalties=penalties, write_kept=True, **kwargs)
 
 
@@ -148,7 +150,8 @@ def test_unseeded_draws_follow_the_filtered_penalised_softmax():
     state.observe(torch.tensor([0, 0, 3], device=DEVICE), np.zeros(3, np.int64), np.array([False, False, True]))
     rows = torch.arange(num_draws, device=DEVICE)
     penalties = RowPenalties(state, rows, torch.zeros(num_draws, dtype=torch.int64, device=DEVICE),
-                             dict(repetition_penalty=as_t(1.5, torch.float32), presence_penalty=as_t(0.3, torch.float32),
+                             dict(repetition_penalty=as_t(1.5, torch.float32),
+                                  presence_penalty=as_t(0.3, torch.float32),
                                   frequency_penalty=as_t(0.2, torch.float32)))
     tokens, kept, penalised = fused(batch, p, penalties, generator_seed=5, block_v=32)
     probs = torch.softmax(penalised[0].double() / 0.9, -1).cpu().numpy()
@@ -171,7 +174,8 @@ def assert_chi_square(counts: np.ndarray, expected: np.ndarray) -> None:
 
 def qwen3_batch(seeded: bool):
     rng = np.random.default_rng(11)
-    logits = (3.0 * torch.randn(256, QWEN3_VOCAB, generator=torch.Generator().manual_seed(12))).to("cuda", torch.bfloat16)
+    logits = 3.0 * torch.randn(256, QWEN3_VOCAB, generator=torch.Generator().manual_seed(12))
+    logits = logits.to("cuda", torch.bfloat16)
     p = random_params(rng, 256, QWEN3_VOCAB, seeded)
     p["top_k"][::3] = torch.tensor(rng.integers(1, 2000, len(p["top_k"][::3])), dtype=torch.int32, device="cuda")
     state = PenaltyState(512, QWEN3_VOCAB, torch.device("cuda"))
@@ -199,7 +203,7 @@ def test_gpu_qwen3_vocab_kept_sets_and_tokens_match_the_torch_path(seeded):
     differing = (kept != want_kept)[sampled].sum(-1)
     # float32 sums in another order may move a token within rounding of a min-p / top-p boundary, rarely
     assert (differing > 0).sum() <= 2 and differing.max() <= 2, differing[differing > 0]
-    assert kept.gather(1, tokens.unsqueeze(1)).all()
+    assert kept[sampled].gather(1, tokens[sampled].unsqueeze(1)).all(), "drew a token the filters drop"
     want = torch_path_tokens(logits, p, penalties)
     if seeded:
         assert (tokens != want).sum() <= 2, "seeded rows draw the torch path's tokens, but for near-ties"
@@ -216,7 +220,8 @@ def test_gpu_qwen3_vocab_draws_follow_the_filtered_distribution():
     logits[hot] = torch.tensor([3.0, 2.6, 2.6, 2.2, 1.8, 1.5])
     logits = logits.to("cuda", torch.bfloat16)
     configs = [(0.7, 0.0, -1, 0.9), (1.0, 0.02, -1, 1.0), (1.0, 0.0, 4, 1.0), (1.2, 0.0, 50, 0.8)]
-    as_t = lambda i, dt: torch.tensor([c[i] for c in configs], dtype=dt, device="cuda").repeat_interleave(64)  # noqa: E731
+    def as_t(i, dtype):
+        return torch.tensor([c[i] for c in configs], dtype=dtype, device="cuda").repeat_interleave(64)
     p = dict(temperature=as_t(0, torch.float32), min_p=as_t(1, torch.float32), top_k=as_t(2, torch.int32),
              top_p=as_t(3, torch.float32), has_seed=torch.zeros(256, dtype=torch.bool, device="cuda"))
     generator = torch.Generator(device="cuda").manual_seed(3)
