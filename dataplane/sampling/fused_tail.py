@@ -33,6 +33,7 @@ from dataplane.sampling.fused_sample import draw_seed
 from dataplane.sampling.penalties import RowPenalties
 
 KEY_OF_MINUS_INF = tl.constexpr(-2139095041)  # _key(-inf): below every finite value's key
+KEY_MAX = tl.constexpr(2**31 - 1)
 BITS_PER_WORD = 32  # tokens per word of the seen-token bitmask
 BITS = tl.constexpr(BITS_PER_WORD)
 
@@ -80,18 +81,57 @@ def _tempered(row_logits, start, vocab_size, row_seen, row_counts, row_prompt, h
 def _probe_pass(row_logits, row_seen, row_counts, row_prompt, has_penalty, rep, presence, frequency, divisor,
                 vocab_size: tl.constexpr, row_max, min_p, probes,
                 HAS_PENALTIES: tl.constexpr, BLOCK_V: tl.constexpr, PROBES: tl.constexpr):
-    """For each probe key: how many min-p candidates have a key at or above it, and their sum of exp(z - M)."""
+    """For each probe key (int32): of the min-p candidates, how many have a key at or above it, their sum
+    of exp(z - M) and their smallest key, and the largest key below it."""
     counts = tl.zeros([PROBES], dtype=tl.int32)
     masses = tl.zeros([PROBES], dtype=tl.float32)
+    smallest_at_or_above = tl.full([PROBES], KEY_MAX, tl.int32)
+    largest_below = tl.full([PROBES], KEY_OF_MINUS_INF, tl.int32)
     for start in range(0, vocab_size, BLOCK_V):
         _, in_vocab, _, z = _tempered(row_logits, start, vocab_size, row_seen, row_counts, row_prompt, has_penalty,
                                       rep, presence, frequency, divisor, False, HAS_PENALTIES, BLOCK_V)
         e = tl.exp(z - row_max)
         candidate = in_vocab & (z > float("-inf")) & (e >= min_p)
-        above = candidate[:, None] & (_key(z).to(tl.int64)[:, None] >= probes[None, :])
-        counts += tl.sum(above.to(tl.int32), axis=0)
-        masses += tl.sum(tl.where(above, e[:, None], 0.0), axis=0)
-    return counts, masses
+        keys = _key(z)
+        at_or_above = keys[:, None] >= probes[None, :]
+        counted = candidate[:, None] & at_or_above
+        counts += tl.sum(counted.to(tl.int32), axis=0)
+        masses += tl.sum(tl.where(counted, e[:, None], 0.0), axis=0)
+        smallest_at_or_above = tl.minimum(smallest_at_or_above,
+                                          tl.min(tl.where(counted, keys[:, None], KEY_MAX), axis=0))
+        largest_below = tl.maximum(largest_below, tl.max(
+            tl.where(candidate[:, None] & ~at_or_above, keys[:, None], KEY_OF_MINUS_INF), axis=0))
+    return counts, masses, smallest_at_or_above, largest_below
+
+
+@triton.jit
+def _search(row_logits, row_seen, row_counts, row_prompt, has_penalty, rep, presence, frequency, divisor,
+            vocab_size: tl.constexpr, row_max, min_p, low, high, target,
+            BY_MASS: tl.constexpr, HAS_PENALTIES: tl.constexpr, BLOCK_V: tl.constexpr, PROBES: tl.constexpr):
+    """The largest key in [low, high) whose candidates at or above it reach target (their count, or BY_MASS
+    their sum of exp(z - M)), given that low's do and high's do not; and the count and mass of those above
+    it. Each pass probes PROBES keys from low to high, then narrows to the keys present in the bucket that
+    holds the answer, so a row of few distinct values (bf16 logits) needs few passes."""
+    count_above = tl.zeros([], dtype=tl.int32)
+    mass_above = tl.zeros([], dtype=tl.float32)
+    index = tl.arange(0, PROBES)
+    while high - low > 1:
+        step = (high - low + PROBES - 2) // (PROBES - 1)
+        probes = tl.minimum(low + step * index.to(tl.int64), high).to(tl.int32)  # probes[-1] is high
+        counts, masses, smallest, largest = _probe_pass(
+            row_logits, row_seen, row_counts, row_prompt, has_penalty, rep, presence, frequency, divisor, vocab_size,
+            row_max, min_p, probes, HAS_PENALTIES, BLOCK_V, PROBES)
+        if BY_MASS:
+            reached = masses >= target
+        else:
+            reached = counts.to(tl.float32) >= target
+        # reached is a prefix: probes[0] (low) in it, high not; the answer lies in [probes[j - 1], probes[j])
+        j = tl.minimum(tl.maximum(tl.sum(reached.to(tl.int32), axis=0), 1), PROBES - 1)
+        low = tl.sum(tl.where(index == j - 1, smallest, 0), axis=0).to(tl.int64)
+        high = tl.sum(tl.where(index == j, largest, 0), axis=0).to(tl.int64) + 1
+        count_above = tl.sum(tl.where(index == j, counts, 0), axis=0)
+        mass_above = tl.sum(tl.where(index == j, masses, 0.0), axis=0)
+    return low, count_above, mass_above
 
 
 @triton.jit
@@ -154,58 +194,28 @@ def sample_tail_kernel(
         num_candidates = num_finite.to(tl.int64)
         kept_mass = total
         if (min_p > 0.0) & (((top_k > 0) & (top_k < vocab_size)) | (top_p < 1.0)):
-            probes = tl.full([PROBES], KEY_OF_MINUS_INF + 1, tl.int64)
-            counts, masses = _probe_pass(row_logits, row_seen, row_counts, row_prompt, has_penalty, rep, presence,
-                                         frequency, divisor, vocab_size, row_max, min_p, probes,
-                                         HAS_PENALTIES, BLOCK_V, PROBES)
+            probes = tl.full([PROBES], KEY_OF_MINUS_INF + 1, tl.int32)
+            counts, masses, _, _ = _probe_pass(row_logits, row_seen, row_counts, row_prompt, has_penalty, rep,
+                                               presence, frequency, divisor, vocab_size, row_max, min_p, probes,
+                                               HAS_PENALTIES, BLOCK_V, PROBES)
             num_candidates = tl.max(counts, axis=0).to(tl.int64)
             kept_mass = tl.max(masses, axis=0)
         # 3a. top-k: the largest key with at least k candidates at or above it
         if (top_k > 0) & (top_k.to(tl.int64) < num_candidates):
-            k = top_k.to(tl.int64)
-            low = tl.full([], KEY_OF_MINUS_INF, tl.int64)
-            high = _key(row_max).to(tl.int64) + 1
-            count_above = tl.zeros([], dtype=tl.int64)  # candidates with a key >= high
-            mass_above = tl.zeros([], dtype=tl.float32)
-            while high - low > 1:
-                step = (high - low + PROBES) // (PROBES + 1)
-                probes = low + step * (1 + tl.arange(0, PROBES)).to(tl.int64)
-                valid = probes < high
-                counts, masses = _probe_pass(row_logits, row_seen, row_counts, row_prompt, has_penalty, rep,
-                                             presence, frequency, divisor, vocab_size, row_max, min_p, probes,
-                                             HAS_PENALTIES, BLOCK_V, PROBES)
-                reached = valid & (counts.to(tl.int64) >= k)  # a prefix of the probes
-                num_reached = tl.sum(reached.to(tl.int32), axis=0)
-                first_short = (tl.arange(0, PROBES) == num_reached) & valid
-                low = tl.maximum(low, tl.max(tl.where(reached, probes, low), axis=0))
-                count_above = tl.where(tl.sum(first_short.to(tl.int32), axis=0) > 0,
-                                       tl.sum(tl.where(first_short, counts, 0), axis=0).to(tl.int64), count_above)
-                mass_above = tl.where(tl.sum(first_short.to(tl.int32), axis=0) > 0,
-                                      tl.sum(tl.where(first_short, masses, 0.0), axis=0), mass_above)
-                high = tl.min(tl.where(first_short, probes, high), axis=0)
+            low, count_above, mass_above = _search(
+                row_logits, row_seen, row_counts, row_prompt, has_penalty, rep, presence, frequency, divisor,
+                vocab_size, row_max, min_p, cut, _key(row_max).to(tl.int64) + 1, top_k.to(tl.float32),
+                False, HAS_PENALTIES, BLOCK_V, PROBES)
             cut = low
-            ties = k - count_above
+            ties = top_k.to(tl.int64) - count_above.to(tl.int64)
             kept_mass = mass_above + ties.to(tl.float32) * tl.exp(_value(low.to(tl.int32)) - row_max)
         # 3b. top-p over what top-k kept: the largest key whose mass at or above it reaches top_p * kept_mass
         if top_p < 1.0:
             target = top_p * kept_mass
-            low = cut
-            high = _key(row_max).to(tl.int64) + 1
-            mass_above = tl.zeros([], dtype=tl.float32)
-            while high - low > 1:
-                step = (high - low + PROBES) // (PROBES + 1)
-                probes = low + step * (1 + tl.arange(0, PROBES)).to(tl.int64)
-                valid = probes < high
-                _, masses = _probe_pass(row_logits, row_seen, row_counts, row_prompt, has_penalty, rep, presence,
-                                        frequency, divisor, vocab_size, row_max, min_p, probes,
-                                        HAS_PENALTIES, BLOCK_V, PROBES)
-                reached = valid & (masses >= target)
-                num_reached = tl.sum(reached.to(tl.int32), axis=0)
-                first_short = (tl.arange(0, PROBES) == num_reached) & valid
-                low = tl.maximum(low, tl.max(tl.where(reached, probes, low), axis=0))
-                mass_above = tl.where(tl.sum(first_short.to(tl.int32), axis=0) > 0,
-                                      tl.sum(tl.where(first_short, masses, 0.0), axis=0), mass_above)
-                high = tl.min(tl.where(first_short, probes, high), axis=0)
+            low, _, mass_above = _search(
+                row_logits, row_seen, row_counts, row_prompt, has_penalty, rep, presence, frequency, divisor,
+                vocab_size, row_max, min_p, cut, _key(row_max).to(tl.int64) + 1, target,
+                True, HAS_PENALTIES, BLOCK_V, PROBES)
             # tied tokens at the cut are kept while the mass before them (in id order) is below the target
             tie_mass = tl.exp(_value(low.to(tl.int32)) - row_max)
             needed = tl.minimum(tl.ceil((target - mass_above) / tie_mass), vocab_size * 1.0)
