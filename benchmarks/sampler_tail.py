@@ -5,9 +5,11 @@ top-p 0.9, top-p 0.9 with throughput.py's penalties on every row (a PenaltyState
 and ~500 output tokens per row), and top-k 50 + top-p 0.9 + min-p 0.05 with penalties (every filter's
 search). The torch path is the same Sampler.sample with NANOPLANE_DISABLE_FUSED_OPS=1: the float32
 copy, the penalties as tensor ops, the full sort. Each call is timed with CUDA events
-(triton.testing.do_bench, median). One JSON line per case.
+(triton.testing.do_bench, median). One JSON line per case. --sweep also times the fused tail on the
+penalties + top-p case at other tiles (tokens per chunk, probes per search pass, warps), to choose
+fused_tail.py's defaults.
 
-    PYTHONPATH=. python3 benchmarks/sampler_tail.py [--rows 256] [--vocab 151936] [--logit-scale 3]
+    PYTHONPATH=. python3 benchmarks/sampler_tail.py [--rows 256] [--vocab 151936] [--logit-scale 3] [--sweep]
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ import torch
 from triton.testing import do_bench
 
 from dataplane.layers.fused_ops import DISABLE_ENV
+from dataplane.sampling import fused_tail
 from dataplane.sampling.penalties import PenaltyState, RowPenalties
-from dataplane.sampling.sampler import Sampler, plan_sampling
+from dataplane.sampling.sampler import GREEDY_TEMPERATURE, Sampler, mix_seeds, plan_sampling
 
 PENALTIES = dict(repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5)  # throughput.py's
 CASES = {  # name: (temperature, top_p, top_k, min_p, penalties)
@@ -51,6 +54,7 @@ def main() -> None:
     parser.add_argument("--logit-scale", type=float, default=3.0, help="logits ~ N(0, scale^2), rounded to bf16")
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--output-tokens", type=int, default=500)
+    parser.add_argument("--sweep", action="store_true", help="also time other fused_tail tiles")
     args = parser.parse_args()
     n, vocab = args.rows, args.vocab
     logits = (args.logit_scale * torch.randn(n, vocab, device="cuda")).to(torch.bfloat16)
@@ -80,6 +84,25 @@ def main() -> None:
         result["speedup"] = round(result["torch_ms"] / result["fused_ms"], 2)
         result["device"] = torch.cuda.get_device_name()
         print(json.dumps(result), flush=True)
+        if args.sweep and name == "top_p+penalties":
+            sweep(logits, params, penalties, generator)
+
+
+def sweep(logits, params, penalties, generator) -> None:
+    keys = mix_seeds(params["seed"], params["positions"])
+    for block_v in (512, 1024, 2048):
+        for probes in (8, 16, 32):
+            for num_warps in (4, 8, 16):
+                step = lambda: fused_tail.sample(  # noqa: E731
+                    logits, params["temperature"], params["top_p"], params["top_k"], params["min_p"],
+                    params["has_seed"], keys, generator, greedy_below=GREEDY_TEMPERATURE, penalties=penalties,
+                    block_v=block_v, probes=probes, num_warps=num_warps)
+                try:
+                    ms = round(do_bench(step, warmup=10, rep=100, return_mode="median"), 4)
+                except Exception as e:  # a tile that does not compile (registers, shared memory) is skipped
+                    ms = repr(e)[:120]
+                print(json.dumps({"sweep": "top_p+penalties", "block_v": block_v, "probes": probes,
+                                  "num_warps": num_warps, "fused_ms": ms}), flush=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from dataplane.sampling.penalties import RowPenalties
 
 KEY_OF_MINUS_INF = tl.constexpr(-2139095041)  # _key(-inf): below every finite value's key
 KEY_MAX = tl.constexpr(2**31 - 1)
+# tokens a program reads at once, keys probed per search pass, warps: benchmarks/sampler_tail.py --sweep times others
+DEFAULT_BLOCK_V, DEFAULT_PROBES, DEFAULT_NUM_WARPS = 1024, 16, 8
 BITS_PER_WORD = 32  # tokens per word of the seen-token bitmask
 BITS = tl.constexpr(BITS_PER_WORD)
 
@@ -263,14 +265,14 @@ def sample_tail_kernel(
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
            min_p: torch.Tensor, has_seed: torch.Tensor, seed_keys: torch.Tensor, generator: torch.Generator | None, *,
-           greedy_below: float, penalties: RowPenalties | None = None, block_v: int = 1024, probes: int = 16,
-           write_kept: bool = False):
+           greedy_below: float, penalties: RowPenalties | None = None, block_v: int = DEFAULT_BLOCK_V,
+           probes: int = DEFAULT_PROBES, num_warps: int = DEFAULT_NUM_WARPS, write_kept: bool = False):
     """logits [N, V] (any float dtype); per row: temperature, top_p, min_p f32, top_k i32 (<= 0 or >= V: off),
     has_seed bool, seed_keys i64 (sampler.mix_seeds of the seeded rows, anything elsewhere). penalties: the
     rows that use them. Returns the sampled ids, int64 [N]; with write_kept also the kept set (bool [N, V],
     of rows that are not greedy) and the penalised logits (f32 [N, V], the same rows), for tests."""
     assert logits.dim() == 2, f"logits must be [N, V], got {tuple(logits.shape)}"
-    assert block_v >= BITS_PER_WORD and block_v & (block_v - 1) == 0 and probes & (probes - 1) == 0
+    assert block_v >= BITS_PER_WORD and block_v & (block_v - 1) == 0 and probes >= 2 and probes & (probes - 1) == 0
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     num_rows, vocab_size = logits.shape
@@ -299,6 +301,6 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
         column(rep, torch.float32), column(presence, torch.float32), column(frequency, torch.float32),
         seen, seen_stride, out, kept, penalised,
         vocab_size=vocab_size, GREEDY_BELOW=greedy_below, HAS_PENALTIES=use_penalties, WRITE_KEPT=write_kept,
-        BLOCK_V=block_v, PROBES=probes, num_warps=8 if block_v >= 1024 else 4,
+        BLOCK_V=block_v, PROBES=probes, num_warps=num_warps,
         enable_fp_fusion=False)  # products and sums round as in the torch code
     return (out, kept.bool(), penalised) if write_kept else out
