@@ -63,9 +63,9 @@ def random_penalties(rng: np.random.Generator, num_rows: int, vocab: int) -> Row
     return RowPenalties(state, index(rows), index(slots), args)
 
 
-def bf16_logits(num_rows: int, vocab: int, seed: int) -> torch.Tensor:
-    """Logits rounded to bf16 (many ties, as a real LM head gives) with a few banned tokens."""
-    logits = (2.0 * torch.randn(num_rows, vocab, generator=torch.Generator().manual_seed(seed))).bfloat16()
+def random_logits(num_rows: int, vocab: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Logits with a few banned tokens; in bf16 many tie, as a real LM head's do."""
+    logits = (2.0 * torch.randn(num_rows, vocab, generator=torch.Generator().manual_seed(seed))).to(dtype)
     logits[:, 7] = float("-inf")
     return logits.to(DEVICE)
 
@@ -98,11 +98,12 @@ def torch_path_tokens(logits, p, penalties):
         sampler_module.fused_sample = saved
 
 
-@pytest.mark.parametrize("vocab, block_v, num_rows", [(1000, 1024, 14), (200, 64, 6)],
-                         ids=["one chunk", "several chunks"])
-def test_kept_sets_penalties_greedy_and_seeded_tokens_match_the_torch_path(vocab, block_v, num_rows):
+@pytest.mark.parametrize("vocab, block_v, num_rows, dtype", [(1000, 1024, 14, torch.bfloat16),
+                                                              (200, 64, 6, torch.float32)],
+                         ids=["one chunk, bf16", "several chunks, fp32"])
+def test_kept_sets_penalties_greedy_and_seeded_tokens_match_the_torch_path(vocab, block_v, num_rows, dtype):
     rng = np.random.default_rng(vocab)
-    logits = bf16_logits(num_rows, vocab, seed=vocab)
+    logits = random_logits(num_rows, vocab, vocab, dtype)
     p = random_params(rng, num_rows, vocab, seeded=True)
     penalties = random_penalties(rng, num_rows, vocab)
     tokens, kept, penalised = fused(logits, p, penalties, block_v=block_v)
