@@ -91,7 +91,8 @@ class Sampler:
         if fused_sample is not None and fused_sample.enabled_for(logits):
             if penalties is None and plan.filter_rows is None and plan.seeded_rows is None:
                 return fused_sample.sample(logits, temperature, generator, greedy_below=GREEDY_TEMPERATURE)
-            seed_keys = mix_seeds(seed.to(device), positions.to(device))  # [N] elementwise: cheaper than a branch
+            # unseeded rows never read their key: without seeded rows, the seeds stand in (no launches)
+            seed_keys = mix_seeds(seed.to(device), positions.to(device)) if plan.seeded_rows is not None else seed
             return fused_tail.sample(logits, temperature, top_p, top_k, min_p, has_seed, seed_keys, generator,
                                      greedy_below=GREEDY_TEMPERATURE, penalties=penalties)
         logits = logits.float()
