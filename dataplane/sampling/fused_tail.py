@@ -21,7 +21,8 @@ tied tokens in id order. Sums run in a different order than torch's softmax and 
 whose probability lies within float32 rounding of a min-p or top-p boundary may fall on the other
 side; nothing else differs. Penalties and temperature round as the torch code (division, no fused
 multiply-add). Nothing waits on the host. Sampler.sample calls `sample` for CUDA logits when a batch
-has penalties, filters or seeded rows; tests/dataplane/test_fused_tail.py checks it against sampler.py.
+has penalties (with filters and seeds alone, one program per row is slower than torch's sort);
+tests/dataplane/test_fused_tail.py checks it against sampler.py.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dataplane.layers.fused_ops import enabled_for  # noqa: F401  (Sampler.sample asks it)
 from dataplane.sampling.fused_sample import draw_seed
 from dataplane.sampling.penalties import RowPenalties
 

@@ -14,9 +14,9 @@ the `SamplerPlan` it decided on the host: which rows are greedy, filtered or see
 nothing here waits on the device (no .tolist(), no nonzero()). Penalties (RowPenalties) are
 applied here too, first. On CUDA, a batch with no filtered, seeded or penalised row
 (temperature alone, the common case) takes one fused pass instead (fused_sample.py:
-Gumbel-max with Philox noise, the same distribution), and any other batch but an all-greedy
-one without penalties takes the fused tail (fused_tail.py: penalties, filters and draw in one
-kernel, on the logits in their own dtype); the torch code below is the CPU path and the reference.
+Gumbel-max with Philox noise, the same distribution), and a batch with penalties takes the
+fused tail (fused_tail.py: penalties, filters and draw in one kernel, on the logits in their own
+dtype); the torch code below is the path for the rest, the CPU path and the reference.
 """
 from __future__ import annotations
 
@@ -88,9 +88,12 @@ class Sampler:
                                  lambda rows: torch.from_numpy(rows).to(device))
         if plan.all_greedy and penalties is None:
             return logits.argmax(dim=-1)  # widening bf16 to float32 is exact: the same argmax, one read
-        if fused_sample is not None and fused_sample.enabled_for(logits):
-            if penalties is None and plan.filter_rows is None and plan.seeded_rows is None:
-                return fused_sample.sample(logits, temperature, generator, greedy_below=GREEDY_TEMPERATURE)
+        if (penalties is None and plan.filter_rows is None and plan.seeded_rows is None
+                and fused_sample is not None and fused_sample.enabled_for(logits)):
+            return fused_sample.sample(logits, temperature, generator, greedy_below=GREEDY_TEMPERATURE)
+        # the fused tail beats the torch path only where it saves the float32 copy and the penalty ops
+        # (benchmarks/sampler_tail.py): filters and seeds alone stay with torch's sort until it is faster
+        if penalties is not None and fused_tail is not None and fused_tail.enabled_for(logits):
             # unseeded rows never read their key: without seeded rows, the seeds stand in (no launches)
             seed_keys = mix_seeds(seed.to(device), positions.to(device)) if plan.seeded_rows is not None else seed
             return fused_tail.sample(logits, temperature, top_p, top_k, min_p, has_seed, seed_keys, generator,
