@@ -3,8 +3,9 @@
 Cases at 256 rows of Qwen3's vocabulary (151936) by default: temperature 0.6 alone (fused_sample.py),
 top-p 0.9, top-p 0.9 with throughput.py's penalties on every row (a PenaltyState holding ~1000 prompt
 and ~500 output tokens per row), and top-k 50 + top-p 0.9 + min-p 0.05 with penalties (every filter's
-search). The torch path is the same Sampler.sample with NANOPLANE_DISABLE_FUSED_OPS=1: the float32
-copy, the penalties as tensor ops, the full sort. Each call is timed with CUDA events
+search). The torch path is Sampler.sample with NANOPLANE_DISABLE_FUSED_OPS=1: the float32 copy, the
+penalties as tensor ops, the full sort; the fused one is fused_sample.py (temperature) or fused_tail.py
+called directly, whether or not Sampler.sample routes the case to it. Each call is timed with CUDA events
 (triton.testing.do_bench, median). One JSON line per case. --sweep also times the fused tail on the
 penalties + top-p case at other tiles (tokens per chunk, probes per search pass, warps), to choose
 fused_tail.py's defaults.
@@ -75,10 +76,15 @@ def main() -> None:
         host = {k: v.cpu().numpy() for k, v in params.items()}
         plan = plan_sampling(host["temperature"], host["top_p"], host["top_k"], host["min_p"], host["has_seed"], vocab,
                              lambda rows: torch.from_numpy(rows).cuda())
-        step = lambda: sampler.sample(logits, **params, generator=generator, plan=plan,  # noqa: E731
-                                      penalties=penalties if with_penalties else None)
+        case_penalties = penalties if with_penalties else None
+        torch_step = lambda: sampler.sample(logits, **params, generator=generator, plan=plan,  # noqa: E731
+                                            penalties=case_penalties)
+        # the fused kernel itself, whether or not Sampler.sample routes this case to it
+        fused_step = torch_step if name == "temperature" else lambda: fused_tail.sample(  # noqa: E731
+            logits, params["temperature"], params["top_p"], params["top_k"], params["min_p"], params["has_seed"],
+            params["seed"], generator, greedy_below=GREEDY_TEMPERATURE, penalties=case_penalties)
         result = {"case": name, "rows": n, "vocab": vocab, "dtype": "bf16"}
-        for path, disabled in (("torch", "1"), ("fused", "0")):
+        for path, disabled, step in (("torch", "1", torch_step), ("fused", "0", fused_step)):
             os.environ[DISABLE_ENV] = disabled
             result[f"{path}_ms"] = round(do_bench(step, warmup=25, rep=200, return_mode="median"), 4)
         result["speedup"] = round(result["torch_ms"] / result["fused_ms"], 2)
