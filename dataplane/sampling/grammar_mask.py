@@ -3,8 +3,8 @@
 The control plane sends, for the constrained rows that sample this step, their indices
 among the step's sampled rows and one packed bitmask each (bit j of int32 word i allows
 token 32 * i + j; tokens past the mask, such as a padded LM head's, are banned):
-proto/step.py's grammar_rows / grammar_bitmask. Banned logits become -inf in place, after
-penalties and before the Sampler, so every strategy (greedy, top-k/p, min-p, the fused
+proto/step.py's grammar_rows / grammar_bitmask. Banned logits become -inf in place, before
+the Sampler (whose penalties leave -inf as it is), so every strategy (greedy, top-k/p, min-p, the fused
 Gumbel-max) picks an allowed token; raw logprobs are taken earlier and stay the model's.
 On CUDA a Triton kernel writes only the banned entries (grammar_mask_kernel.py); elsewhere
 torch unpacks the bits.

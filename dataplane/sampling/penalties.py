@@ -15,6 +15,8 @@ dataplane/sampling/sampling_step.py calls both before the Sampler.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -67,6 +69,30 @@ class PenaltyState:
         """The penalised logits of rows whose sequences sit at `slots` (int64, on the device)."""
         return apply_penalties(logits, self.prompt_mask[slots], self.output_counts[slots],
                                repetition_penalty, presence_penalty, frequency_penalty)
+
+
+@dataclass(slots=True)
+class RowPenalties:
+    """The rows of one step's logits whose sequences use penalties: the Sampler applies them (torch, or
+    fused into its CUDA kernel, dataplane/sampling/fused_tail.py)."""
+
+    state: PenaltyState
+    rows: torch.Tensor  # i64 rows of the logits
+    slots: torch.Tensor  # i64 their slots in the state
+    args: dict[str, torch.Tensor]  # repetition_penalty, presence_penalty, frequency_penalty: f32 per row
+
+    def apply_(self, logits: torch.Tensor) -> None:
+        """In place on float logits [N, V]."""
+        logits[self.rows] = self.state.apply(logits[self.rows], self.slots, **self.args)
+
+    def per_row(self, num_rows: int) -> tuple[torch.Tensor, ...]:
+        """(slot i64, repetition, presence, frequency f32), [num_rows] each: slot -1 and no penalty elsewhere."""
+        def column(fill, values, dtype):
+            full = torch.full((num_rows,), fill, dtype=dtype, device=self.rows.device)
+            return full.index_copy_(0, self.rows, values.to(full.device, dtype))
+        return (column(-1, self.slots, torch.int64), column(1.0, self.args["repetition_penalty"], torch.float32),
+                column(0.0, self.args["presence_penalty"], torch.float32),
+                column(0.0, self.args["frequency_penalty"], torch.float32))
 
 
 def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, output_counts: torch.Tensor,

@@ -11,10 +11,12 @@ rest of the batch, on scheduling or preemption, or on the device (integer ops gi
 the same bits on CPU and GPU), and all seeded rows are drawn in one vectorised pass.
 The runner calls `sample` after compute_logits, with the params BatchState gathered and
 the `SamplerPlan` it decided on the host: which rows are greedy, filtered or seeded, so
-nothing here waits on the device (no .tolist(), no nonzero()). On CUDA, a batch with no
-filtered and no seeded row (temperature alone, the common case) takes one fused pass
-instead (fused_sample.py: Gumbel-max with Philox noise, the same distribution); the
-torch code below is the path for the rest, for the CPU, and the reference.
+nothing here waits on the device (no .tolist(), no nonzero()). Penalties (RowPenalties) are
+applied here too, first. On CUDA, a batch with no filtered, seeded or penalised row
+(temperature alone, the common case) takes one fused pass instead (fused_sample.py:
+Gumbel-max with Philox noise, the same distribution), and a batch with penalties takes the
+fused tail (fused_tail.py: penalties, filters and draw in one kernel, on the logits in their own
+dtype); the torch code below is the path for the rest, the CPU path and the reference.
 """
 from __future__ import annotations
 
@@ -24,12 +26,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dataplane.sampling.penalties import RowPenalties
+
 try:
-    from dataplane.sampling import fused_sample
+    from dataplane.sampling import fused_sample, fused_tail
 except ModuleNotFoundError as e:  # no Triton: the torch code is the only path
     if e.name != "triton":
         raise
-    fused_sample = None
+    fused_sample = fused_tail = None
 
 GREEDY_TEMPERATURE = 1e-5
 _MASK32 = (1 << 32) - 1
@@ -68,11 +72,12 @@ class Sampler:
     def sample(self, logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
                seed: torch.Tensor, has_seed: torch.Tensor, positions: torch.Tensor,
                generator: torch.Generator | None = None, min_p: torch.Tensor | None = None,
-               plan: SamplerPlan | None = None) -> torch.Tensor:
+               plan: SamplerPlan | None = None, penalties: RowPenalties | None = None) -> torch.Tensor:
         """logits [N, V]; per row: temperature f32, top_p f32, top_k i32 (-1 = off),
         seed i64, has_seed bool, positions i64 (index of the token being sampled),
         min_p f32 (0 = off; None = all off). plan: the rows' plan_sampling; without it,
-        sample reads the params back to the host to make it (a device sync).
+        sample reads the params back to the host to make it (a device sync). penalties: the
+        rows that use them (the torch path applies them in place when the logits are float32).
         Returns the sampled ids, int64 [N], on the logits' device."""
         device, vocab_size = logits.device, logits.shape[-1]
         temperature, top_p, top_k = temperature.to(device), top_p.to(device), top_k.to(device)
@@ -81,12 +86,23 @@ class Sampler:
             host = lambda t: t.cpu().numpy()  # noqa: E731
             plan = plan_sampling(host(temperature), host(top_p), host(top_k), host(min_p), host(has_seed), vocab_size,
                                  lambda rows: torch.from_numpy(rows).to(device))
-        if (fused_sample is not None and not plan.all_greedy and plan.filter_rows is None
-                and plan.seeded_rows is None and fused_sample.enabled_for(logits)):
-            return fused_sample.sample(logits, temperature, generator, greedy_below=GREEDY_TEMPERATURE)
-        if plan.all_greedy:
+        if plan.all_greedy and penalties is None:
             return logits.argmax(dim=-1)  # widening bf16 to float32 is exact: the same argmax, one read
+        if (penalties is None and plan.filter_rows is None and plan.seeded_rows is None
+                and fused_sample is not None and fused_sample.enabled_for(logits)):
+            return fused_sample.sample(logits, temperature, generator, greedy_below=GREEDY_TEMPERATURE)
+        # the fused tail beats the torch path only where it saves the float32 copy and the penalty ops
+        # (benchmarks/sampler_tail.py): filters and seeds alone stay with torch's sort until it is faster
+        if penalties is not None and fused_tail is not None and fused_tail.enabled_for(logits):
+            # unseeded rows never read their key: without seeded rows, the seeds stand in (no launches)
+            seed_keys = mix_seeds(seed.to(device), positions.to(device)) if plan.seeded_rows is not None else seed
+            return fused_tail.sample(logits, temperature, top_p, top_k, min_p, has_seed, seed_keys, generator,
+                                     greedy_below=GREEDY_TEMPERATURE, penalties=penalties)
         logits = logits.float()
+        if penalties is not None:
+            penalties.apply_(logits)
+            if plan.all_greedy:
+                return logits.argmax(dim=-1)
         greedy = temperature < GREEDY_TEMPERATURE
         greedy_ids = logits.argmax(dim=-1)
 

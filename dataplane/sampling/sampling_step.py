@@ -1,12 +1,13 @@
 """From one step's hidden states to its StepResult: LM head, logit processors, Sampler, logprobs.
 
 The order is vLLM v1's (docs/sampling.md):
-1. logits of the rows that sample, in float32; raw logprobs of those that asked;
+1. logits of the rows that sample (float32 when a row asks for logprobs, and their raw logprobs);
 2. min_tokens: EOS and stop ids of sequences short of min_tokens to -inf;
-3. penalties: repetition, frequency, presence (dataplane/sampling/penalties.py);
    then structured output's grammar bitmask (dataplane/sampling/grammar_mask.py);
-4. the Sampler: greedy argmax, or temperature, min-p, top-k, top-p and the race;
-5. logprobs of the sampled tokens, and prompt logprobs of flagged prefill rows.
+3. the Sampler: penalties first (repetition, frequency, presence: dataplane/sampling/penalties.py;
+   they leave -inf as it is, so the bans above may come first), then greedy argmax, or temperature,
+   min-p, top-k, top-p and the race; on CUDA all in one kernel over the logits' own dtype;
+4. logprobs of the sampled tokens, and prompt logprobs of flagged prefill rows.
 Everything is batched over the rows that need it; the row sets were chosen on the
 host by SamplingState (dataplane/sampling/sampling_state.py), so nothing here waits on the device: the
 outputs stay there until the runner copies them back (dataplane/host_transfer.py).
@@ -20,7 +21,7 @@ import torch
 from dataplane.batch_state import BatchState, StepInputs
 from dataplane.distributed import broadcast_from_rank0
 from dataplane.sampling.grammar_mask import apply_grammar_bitmask
-from dataplane.sampling.penalties import ban_tokens
+from dataplane.sampling.penalties import RowPenalties, ban_tokens
 from dataplane.sampling.sampler import Sampler
 from dataplane.sampling.logprobs import prompt_logprob_tensors, raw_logprobs, token_logprob_tensors
 
@@ -49,17 +50,16 @@ class SamplingStep:
 
         logits = self.model.compute_logits(inputs.sampled_hidden(hidden))
         s = inputs.sampling
-        if len(s.logprob_rows) or len(s.penalty_rows):
-            logits = logits.float()  # otherwise the sampler reads them as they are (the fused path: once)
+        if len(s.logprob_rows):
+            logits = logits.float()  # otherwise the sampler reads them as they are (the fused paths: no copy)
         raw = raw_logprobs(logits[inputs.logprob_index]) if len(s.logprob_rows) else None
         ban_tokens(logits, s.ban_rows, s.ban_token_ids)
-        if len(s.penalty_rows):
-            rows = inputs.penalty_index
-            logits[rows] = self.batch.sampling.penalties.apply(logits[rows], s.penalty_slots, **s.penalty_args)
         if inputs.grammar is not None:
             apply_grammar_bitmask(logits, *inputs.grammar)
+        penalties = (RowPenalties(self.batch.sampling.penalties, inputs.penalty_index, s.penalty_slots, s.penalty_args)
+                     if len(s.penalty_rows) else None)
         token_ids = self.sampler.sample(logits, **s.sampler_args, positions=s.positions, generator=self.generator,
-                                        plan=inputs.sampler_plan)
+                                        plan=inputs.sampler_plan, penalties=penalties)
         broadcast_from_rank0(token_ids)  # ranks > 0 feed them to their next decode step, as rank 0 does
         self.batch.record_sampled(inputs.sampled_slots, token_ids, inputs.sampled_index)
         out["token_ids"] = token_ids.to(torch.int32)

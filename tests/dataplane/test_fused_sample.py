@@ -1,8 +1,9 @@
 """Fused sampling (dataplane/sampling/fused_sample.py) against torch.argmax, the tempered softmax
-computed in float64, and the Sampler's torch path, which keeps every batch with a filtered or
-seeded row. On a machine without CUDA the kernels run under the Triton interpreter (about 30 ms
-a program, so the tests pass tiles of many rows); the `gpu` tests run Qwen3's vocabulary
-(151936) at batch 256 in bf16, and one prints the torch path's time against the fused one's.
+computed in float64, and the Sampler's torch path, which keeps every batch with a filtered or seeded
+row; batches with penalties take the fused tail instead (test_fused_tail.py). On a machine without CUDA the kernels run
+under the Triton interpreter (about 30 ms a program, so the tests pass tiles of many rows); the
+`gpu` tests run Qwen3's vocabulary (151936) at batch 256 in bf16, and one prints the torch path's
+time against the fused one's.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ pytest.importorskip("triton", reason="triton is not installed: the fused sampler
 
 from dataplane.layers import fused_ops  # noqa: E402
 from dataplane.sampling import sampler as sampler_module  # noqa: E402
+from dataplane.sampling.penalties import PenaltyState, RowPenalties  # noqa: E402
 from dataplane.sampling.sampler import GREEDY_TEMPERATURE, Sampler, plan_sampling  # noqa: E402
 
 
@@ -178,23 +180,45 @@ def test_sampler_takes_the_fused_path_for_temperature_only_batches(fused_calls, 
     assert not torch.equal(out, torch_path(logits, p, 3)), "the fused and torch paths should draw differently"
 
 
-@pytest.mark.parametrize("case", ["seeded row", "top_p row", "top_k row", "min_p row", "all greedy"])
-def test_sampler_keeps_the_torch_path_for_filtered_seeded_and_greedy_batches(fused_calls, case):
-    n, vocab = 24, 200
+@pytest.mark.parametrize("case", ["seeded row", "top_p row", "top_k row", "min_p row", "penalties", "all greedy"])
+def test_sampler_sends_only_penalised_batches_to_the_fused_tail(fused_calls, monkeypatch, case):
+    """Only temperature-only batches take fused_sample, only batches with penalties the fused tail; the rest
+    keep the torch path (an all-greedy batch without penalties: torch's argmax)."""
+    n, vocab = 8, 200
     logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    temps = [0.0] * n if case == "all greedy" else [0.9, 0.0, 1.1] * 8
+    temps = [0.0] * n if case == "all greedy" else [0.9, 0.0, 1.1, 0.7] * 2
     top_p = [1.0] * n
     top_p[0] = 0.8 if case == "top_p row" else 1.0
     top_k = [-1] * n
     top_k[2] = 20 if case == "top_k row" else -1
     min_p = [0.0] * n
     min_p[3] = 0.1 if case == "min_p row" else 0.0
-    p = sampler_params(n, temps, top_p, top_k, min_p, seeded=[5] if case == "seeded row" else ())
-    plan = plan_of(p, vocab)
-    assert plan.all_greedy or plan.filter_rows is not None or plan.seeded_rows is not None
-    out = Sampler().sample(logits, **p, generator=torch.Generator(device=DEVICE).manual_seed(11), plan=plan)
-    assert fused_calls == []
-    assert torch.equal(out, torch_path(logits, p, 11, plan))
+    p = sampler_params(n, temps, top_p, top_k, min_p, seeded=[4] if case == "seeded row" else ())
+    penalties = None
+    if case == "penalties":  # greedy row 5: its best token, 2, seen in the output, falls below token 9
+        logits[5, [2, 9]] = torch.tensor([4.0, 3.9], device=DEVICE)
+        state = PenaltyState(4, vocab, torch.device(DEVICE))
+        state.reset(np.array([2]))
+        state.observe(torch.tensor([1, 2, 2], device=DEVICE), np.full(3, 2), np.array([True, False, False]))
+        one = lambda v: torch.tensor([v], device=DEVICE)  # noqa: E731
+        penalties = RowPenalties(state, one(5), one(2), dict(repetition_penalty=one(3.0), presence_penalty=one(0.5),
+                                                             frequency_penalty=one(0.1)))
+    tail = kernel_module("dataplane.sampling.fused_tail")
+    real_tail, tail_calls = tail.sample, []
+    monkeypatch.setattr(tail, "enabled_for", lambda logits: True)
+    monkeypatch.setattr(tail, "sample", lambda *a, **k: tail_calls.append(1) or real_tail(*a, **k))
+    monkeypatch.setattr(sampler_module, "fused_tail", tail)
+    out = Sampler().sample(logits, **p, generator=torch.Generator(device=DEVICE).manual_seed(11),
+                           plan=plan_of(p, vocab), penalties=penalties)
+    assert fused_calls == [] and len(tail_calls) == (1 if case == "penalties" else 0)
+    if case not in ("penalties", "all greedy"):
+        assert torch.equal(out, torch_path(logits, p, 11, plan_of(p, vocab)))
+    greedy = (p["temperature"] < GREEDY_TEMPERATURE).cpu()
+    best = logits.argmax(-1)
+    if case == "penalties":
+        assert best[5] == 2 and out[5] == 9
+        best[5] = 9
+    assert torch.equal(out[greedy], best[greedy]) and ((out >= 0) & (out < vocab)).all()
 
 
 # ---------------------------------------------------------------- GPU: Qwen3's vocabulary, batch 256, bf16
