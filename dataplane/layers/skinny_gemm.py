@@ -24,6 +24,7 @@ from dataplane.layers.fused_ops import enabled_for
 # Largest M sent here; above it cuBLAS's tensor-core tiles win. Set from benchmarks/gemm_shapes.py.
 MAX_M = 256
 DTYPES = (torch.bfloat16, torch.float16)
+MIN_SLICE_STEPS = 2  # shorter K slices spend more on fp32 partials than they gain in parallelism
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,14 +38,17 @@ class GemmConfig:
 
 
 def pick_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
-    """Tiles for one (M, N, K): enough programs to fill the SMs about twice over, each K slice at
-    least four BLOCK_K steps long."""
+    """Tiles for one (M, N, K): narrower N tiles, then split-K, until the programs fill the SMs
+    (at most about twice over), each K slice at least MIN_SLICE_STEPS BLOCK_K steps long."""
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     block_k = 256 if block_m <= 16 else 128
     block_n = 64
-    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    m_tiles = triton.cdiv(m, block_m)
+    if triton.cdiv(n, block_n) * m_tiles < num_sms:
+        block_n = 32
+    tiles = triton.cdiv(n, block_n) * m_tiles
     split_k = 1
-    while tiles * split_k * 2 <= 2 * num_sms and triton.cdiv(k, block_k * split_k * 2) >= 4:
+    while tiles * split_k * 2 <= 2 * num_sms and triton.cdiv(k, block_k * split_k * 2) >= MIN_SLICE_STEPS:
         split_k *= 2
     return GemmConfig(block_m, block_n, block_k, split_k)
 
@@ -67,8 +71,8 @@ def skinny_gemm_kernel(
     K_PER_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)  # fastest: the M tiles of one W tile run together, so W comes from DRAM once
+    pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,7 +140,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     split_k = triton.cdiv(k, k_per_split)  # a slice never starts past K
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     bias_arg = bias if bias is not None else out
-    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split_k)
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split_k)
     skinny_gemm_kernel[grid](
         x2, x2.stride(0), weight, weight.stride(0), bias_arg, out, partial,
         m, n, k,

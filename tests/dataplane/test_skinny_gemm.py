@@ -78,7 +78,7 @@ def test_config_fills_the_sms_without_short_slices(m, n, k):
     assert config.block_m >= 16 and config.block_m >= min(m, 64)
     assert tiles * config.split_k <= max(tiles, 2 * num_sms)
     if config.split_k > 1:
-        assert -(-k // (config.block_k * config.split_k)) >= 4, "a K slice shorter than four BLOCK_K steps"
+        assert -(-k // (config.block_k * config.split_k)) >= skinny_gemm.MIN_SLICE_STEPS, "a K slice too short"
 
 
 def test_cpu_matmul_stays_f_linear():
