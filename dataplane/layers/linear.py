@@ -19,6 +19,13 @@ from dataplane.distributed import all_reduce, divide, get_tp_rank, get_tp_size, 
 from dataplane.cpu_weights import INT4_DTYPE, bf16_linear, int4_linear
 from dataplane.layers.fp8 import FP8_DTYPE, fp8_linear
 
+try:
+    from dataplane.layers import skinny_gemm
+except ModuleNotFoundError as e:  # no Triton: F.linear is the only path
+    if e.name != "triton":
+        raise
+    skinny_gemm = None
+
 
 def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
     # copy_ would broadcast a wrongly shaped tensor silently; a checkpoint mismatch must fail loudly
@@ -61,6 +68,8 @@ class LinearBase(nn.Module):
             if self.weight.dtype == INT4_DTYPE:
                 return int4_linear(x, self.weight, self.weight_scale_and_zero, bias)
             return bf16_linear(x, self.weight, bias)
+        if skinny_gemm is not None and skinny_gemm.use_for(x, self.weight):  # decode-sized M on CUDA
+            return skinny_gemm.skinny_linear(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
 
 
