@@ -13,6 +13,7 @@ F.linear stays the CPU path and the reference (tests/dataplane/test_skinny_gemm.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,10 @@ import triton.language as tl
 
 from dataplane.layers.fused_ops import enabled_for
 
-# Largest M sent here; above it cuBLAS's tensor-core tiles win. Set from benchmarks/gemm_shapes.py.
-MAX_M = 256
+# Largest M sent here; above it cuBLAS's tensor-core tiles win. Set from benchmarks/gemm_shapes.py; the
+# environment variable overrides it (0 sends every matmul to cuBLAS), for measuring on another GPU.
+MAX_M_ENV = "NANOPLANE_SKINNY_GEMM_MAX_M"
+MAX_M = int(os.environ.get(MAX_M_ENV, "256"))
 DTYPES = (torch.bfloat16, torch.float16)
 MIN_SLICE_STEPS = 2  # shorter K slices spend more on fp32 partials than they gain in parallelism
 
