@@ -30,7 +30,7 @@ class DataPlaneConfig:
     num_kv_blocks: int = 0  # 0 = size from memory
     cpu_kv_cache_gib: float = 1.0
     gpu_memory_utilization: float = 0.9
-    attention_backend: str = "auto"  # auto | torch | triton | flash-attn
+    attention_backend: str = "auto"  # auto | cpu | torch | triton | flash-attn
     enforce_eager: bool = False
     warm_up: str = "auto"  # auto (on a GPU) | on | off: synthetic steps before serving (dataplane/warmup.py)
     tensor_parallel_size: int = 1
@@ -131,7 +131,7 @@ HELP = {
     "num_kv_blocks": "KV cache blocks; 0 = size from memory",
     "cpu_kv_cache_gib": "KV cache size on CPU when --num-kv-blocks is 0",
     "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
-    "attention_backend": "auto, torch, triton or flash-attn",
+    "attention_backend": "auto, cpu, torch, triton or flash-attn",
     "enforce_eager": "disable CUDA graphs",
     "warm_up": "run a few synthetic steps before serving, so that the first requests do not wait for kernels "
                "to compile: auto (on a GPU, one rank), on, off",
