@@ -3,8 +3,8 @@
 The torch reference (reference.py, the oracle) rebuilds each sequence's context from whole
 blocks in every layer, with the mask and the block indices built again each time. Here
 what depends only on the step's metadata is built once per forward (`CpuAttentionPlan`,
-shared by every layer): for each query group the cache slots of
-exactly the context tokens it reads plus its mask. A layer then runs two `index_copy_`
+shared by every layer): for each query group, the cache slots of exactly the context tokens
+it reads, and its mask. A layer then runs two `index_copy_`
 (store), two `index_select` of just those tokens out of the cache, and one torch SDPA call
 for all decode rows together; each prefill chunk is one more SDPA call. Computed in fp32.
 """
@@ -48,11 +48,14 @@ def _decode_group(meta: AttentionMetadata, seq_idx: list[int], query_rows, lens:
     context_len = max(max(lens), 1)
     table = meta.block_tables if len(seq_idx) == meta.num_seqs else meta.block_tables[seq_idx]
     slots = _context_slots(table, block_size, context_len)
-    # a padding sequence of length 0 still sees key 0, so its row stays finite (as the reference)
-    seq_lens = torch.tensor(lens, device=slots.device).clamp(min=1)
-    visible = torch.arange(context_len, device=slots.device)[None, :] < seq_lens[:, None]
+    pos = torch.arange(context_len, device=slots.device)[None, :]
+    seq_lens = torch.tensor(lens, device=slots.device)[:, None]
     # keys past a sequence's end may point anywhere in its table, even at no block: read its first slot instead
-    slots = torch.where(visible, slots, slots[:, :1])
+    # (slot 0 for a padding sequence, whose table may hold no block at all)
+    first = torch.where(seq_lens > 0, slots[:, :1], 0)
+    slots = torch.where(pos < seq_lens, slots, first)
+    # a padding sequence of length 0 still sees key 0, so its row stays finite (as the reference)
+    visible = pos < seq_lens.clamp(min=1)
     mask = None if min(lens) == context_len else visible[:, None, None, :]
     return ContextGroup(query_rows, slots.reshape(-1), mask, len(seq_idx), context_len)
 
@@ -85,7 +88,7 @@ def build_plan(meta: AttentionMetadata, block_size: int) -> CpuAttentionPlan:
     decode = None
     if decode_seqs:
         num = len(decode_seqs)
-        rows = slice(0, num) if decode_rows == list(range(num)) else torch.tensor(decode_rows)
+        rows = slice(0, num) if decode_rows == list(range(num)) else torch.tensor(decode_rows, device=meta.seq_lens.device)
         decode = _decode_group(meta, decode_seqs, rows, [seq_lens[i] for i in decode_seqs], block_size)
     return CpuAttentionPlan(decode, prefills, query_start_loc[-1])
 

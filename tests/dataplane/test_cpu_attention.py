@@ -72,3 +72,15 @@ def test_fp8_cache_is_read_as_the_reference_reads_it():
     k_cache, v_cache = k_cache.clamp(-400, 400).to(fp8), v_cache.clamp(-400, 400).to(fp8)
     expected = reference.paged_attention(q, k_cache, v_cache, meta, 0.25)
     torch.testing.assert_close(cpu_paged.paged_attention(q, k_cache, v_cache, meta, 0.25), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_padding_sequence_with_no_blocks_reads_slot_zero():
+    q, k, v, k_cache, v_cache, meta, _ = build_case([(20, 1), (3, 1)], 4, 2, 16)
+    meta.seq_lens[1] = 0
+    meta.seq_lens_cpu[1] = 0
+    meta.max_seq_len = 21
+    meta.block_tables[1] = -1
+    group = cpu_paged.build_plan(meta, k_cache.shape[1]).decode
+    assert group.context_slots.view(2, -1)[1].eq(0).all()
+    out = cpu_paged.paged_attention(q, k_cache, v_cache, meta, 0.25)
+    assert torch.isfinite(out).all()
