@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help=".gguf or HF folder; default: the embedded SmolLM2-135M")
     parser.add_argument("--cpu-weights", default="fp32,bf16,int4", help="comma-separated --cpu-weights values")
-    parser.add_argument("--attention-backends", default="torch", help="comma-separated --attention-backend values")
+    parser.add_argument("--attention-backends", default="torch,cpu", help="comma-separated --attention-backend values")
     parser.add_argument("--batch-sizes", default="1,16", help="comma-separated")
     parser.add_argument("--context", type=int, default=32, help="prompt tokens of each sequence")
     parser.add_argument("--steps", type=int, default=128, help="decode steps (tokens per sequence) timed")

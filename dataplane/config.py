@@ -8,7 +8,7 @@ ENV_PREFIX = "NANOPLANE_DP_"
 # here, not beside their code, so that validating flags imports no torch
 QUANTIZATION_CHOICES = ("auto", "none", "fp8")  # dataplane/quantization.py
 KV_CACHE_DTYPE_CHOICES = ("auto", "fp8")  # dataplane/kv_fp8.py
-CPU_WEIGHTS_CHOICES = ("auto", "fp32", "bf16", "int4")  # dataplane/cpu_weights.py
+CPU_WEIGHTS_CHOICES = ("auto", "fp32", "bf16", "int4", "int8")  # dataplane/cpu_weights.py
 
 
 @dataclass
@@ -22,7 +22,7 @@ class DataPlaneConfig:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     quantization: str = "auto"  # auto (the checkpoint's) | none | fp8 (dataplane/quantization.py)
     kv_cache_dtype: str = "auto"  # auto (= dtype) | fp8 (e4m3 with per-layer scales, dataplane/kv_fp8.py)
-    cpu_weights: str = "auto"  # auto | fp32 | bf16 | int4: linear layers' weights on a CPU (dataplane/cpu_weights.py)
+    cpu_weights: str = "auto"  # auto | fp32 | bf16 | int4 | int8: linear layers' weights on a CPU (dataplane/cpu_weights.py)
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -30,7 +30,7 @@ class DataPlaneConfig:
     num_kv_blocks: int = 0  # 0 = size from memory
     cpu_kv_cache_gib: float = 1.0
     gpu_memory_utilization: float = 0.9
-    attention_backend: str = "auto"  # auto | torch | triton | flash-attn
+    attention_backend: str = "auto"  # auto | cpu | torch | triton | flash-attn
     enforce_eager: bool = False
     warm_up: str = "auto"  # auto (on a GPU) | on | off: synthetic steps before serving (dataplane/warmup.py)
     tensor_parallel_size: int = 1
@@ -123,7 +123,7 @@ HELP = {
     "cpu_weights": "how the linear layers hold their weights on a CPU (no effect on a GPU): auto (fp32: the "
                    "fastest measured end to end on a 2-core AVX2 host), fp32 (--dtype, the oracle), "
                    "bf16, int4 (group-wise int4, group 32: GGUF Q4_0/Q4_1 blocks taken as they are, other weights "
-                   "quantized at load)",
+                   "quantized at load), int8 (per-output-channel int8, the LM head too)",
     "block_size": "tokens per KV cache block",
     "max_num_seqs": "sequences per step (batch slots)",
     "max_num_batched_tokens": "tokens per step (the chunked-prefill budget)",
@@ -131,7 +131,7 @@ HELP = {
     "num_kv_blocks": "KV cache blocks; 0 = size from memory",
     "cpu_kv_cache_gib": "KV cache size on CPU when --num-kv-blocks is 0",
     "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
-    "attention_backend": "auto, torch, triton or flash-attn",
+    "attention_backend": "auto, cpu, torch, triton or flash-attn",
     "enforce_eager": "disable CUDA graphs",
     "warm_up": "run a few synthetic steps before serving, so that the first requests do not wait for kernels "
                "to compile: auto (on a GPU, one rank), on, off",

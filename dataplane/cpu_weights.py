@@ -1,4 +1,4 @@
-"""How the linear layers hold their weights on a CPU (`--cpu-weights`): fp32, bf16 or packed int4.
+"""How the linear layers hold their weights on a CPU (`--cpu-weights`): fp32, bf16, packed int4 or int8.
 
 A decode step on a CPU reads every weight once per step and multiplies it with a few rows. Measured on
 a 2-core AVX2 host (docs/benchmarks.md, "CPU"), torch's packed int4 kernel
@@ -13,7 +13,11 @@ quantized here from its dequantized fp32 weights by the block's min and max, whi
 codes, so scale = d and zero = m + 8 d; Q4_0 (w = (q - 8) d) likewise. The kernel wants scales,
 zeros and activations in bf16, so d and m (fp16 in the file) are rounded to bf16 and the activations
 too: int4 is not bit-equal to fp32 (the agreement is measured in docs/benchmarks.md). fp32 stays the
-oracle. The embeddings and the LM head (Q8_0 in the default model) keep the model's dtype.
+oracle. The embeddings and, except under int8, the LM head (Q8_0 in the default model) keep the model's dtype.
+
+int8: each output row gets one scale (symmetric, absmax / 127) and torch's `_weight_int8pack_mm`
+multiplies bf16 activations with it (fp32 activations are ~5x slower there); the LM head gets an int8
+copy too (the embedding keeps its fp32 rows). Not exact either: agreement in docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from dataplane.config import CPU_WEIGHTS_CHOICES
 
 INT4_GROUP_SIZE = 32
 INT4_DTYPE = torch.uint8  # the packed weight: two 4-bit codes per byte, [N, K / 2]
+INT8_DTYPE = torch.int8  # [N, K], one scale per row
 _ACTIVATION_DTYPE = torch.bfloat16  # the only fast one: the kernel's fp32 path is scalar (~20x slower)
 
 
@@ -72,23 +77,56 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Ten
     return out.view(*shape[:-1], packed.shape[0])
 
 
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (int8 [N, K], fp32 scales [N]) with weight ~ codes * scale per row."""
+    scale = weight.float().abs().amax(dim=1) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = (weight.float() / safe[:, None]).round_().clamp_(-127, 127).to(INT8_DTYPE)
+    return codes, scale
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype; weight int8 [N, K], scale bf16 [N]."""
+    shape = x.shape
+    out = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(_ACTIVATION_DTYPE), weight, scale).to(x.dtype)
+    if bias is not None:
+        out += bias
+    return out.view(*shape[:-1], weight.shape[0])
+
+
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     out = torch.nn.functional.linear(x.to(torch.bfloat16), weight).to(x.dtype)
     return out if bias is None else out + bias
 
 
+def _hold_int8(module: nn.Module, weight: torch.Tensor) -> None:
+    codes, scale = quantize_int8(weight)
+    module.weight = nn.Parameter(codes, requires_grad=False)
+    module.register_buffer("weight_scale", scale.to(_ACTIVATION_DTYPE), persistent=False)
+
+
 def convert_linear_layers(model: nn.Module, cpu_weights: str) -> int:
     """Converts the weights of the model's linear layers in place (after loading) -> how many; "fp32" leaves
     them as they are. Layers whose input features are not a multiple of 32 keep their dtype under int4."""
+    from dataplane.layers.embed_head import ParallelLMHead
     from dataplane.layers.linear import LinearBase
 
     if cpu_weights == "fp32":
         return 0
     count = 0
     for module in model.modules():
-        if not isinstance(module, LinearBase) or module.weight.dtype not in (torch.float32, torch.bfloat16):
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dtype not in (torch.float32, torch.bfloat16):
             continue
-        weight = module.weight.data
+        if isinstance(module, ParallelLMHead):
+            if cpu_weights == "int8":  # a copy of its own: a tied embedding keeps the fp32 rows it looks up
+                _hold_int8(module, weight.data)
+                count += 1
+            continue
+        if not isinstance(module, LinearBase):
+            continue
+        weight = weight.data
         if cpu_weights == "bf16":
             module.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
         elif cpu_weights == "int4" and weight.shape[1] % INT4_GROUP_SIZE == 0:
@@ -96,6 +134,8 @@ def convert_linear_layers(model: nn.Module, cpu_weights: str) -> int:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             module.weight = nn.Parameter(packed, requires_grad=False)
             module.register_buffer("weight_scale_and_zero", scale_and_zero.to(_ACTIVATION_DTYPE), persistent=False)
+        elif cpu_weights == "int8":
+            _hold_int8(module, weight)
         else:
             continue
         count += 1

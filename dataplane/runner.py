@@ -92,7 +92,8 @@ def resolve_attention_backend(name: str, device: torch.device, block_size: int, 
             for preferred in ("flash-attn", "triton"):
                 if preferred in backends and _backend_supports(preferred, block_size, dtype):
                     return preferred
-        return "torch"
+            return "torch"
+        return "cpu"
     if name not in backends:
         raise ValueError(f"--attention-backend {name!r} is not available here; available: {', '.join(backends)}")
     if name == "flash-attn":
@@ -142,7 +143,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampling = SamplingStep(self.model, self.batch, self.sampler, self.generator)
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and self.attention_backend != "torch":
+        if self.device.type == "cuda" and self.attention_backend not in ("torch", "cpu"):
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq, self.max_model_len,
                                        self.device, use_graphs=not config.enforce_eager)
             self.graphs.capture()

@@ -1,4 +1,5 @@
-"""Attention backends by name: the torch reference, plus Triton and flash-attn where they can run.
+"""Attention backends by name: the torch reference, the CPU path (cpu_paged.py), plus Triton and flash-attn
+where they can run.
 
 A backend is a pair of functions with the reference's signatures (see reference.py):
 `store_kv(k, v, k_cache, v_cache, slot_mapping)` and
@@ -14,7 +15,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-from dataplane.attention import reference
+from dataplane.attention import cpu_paged, reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +62,4 @@ def get_attention_backend(name: str) -> AttentionBackend:
 
 
 register_backend(AttentionBackend("torch", reference.store_kv, reference.paged_attention))
+register_backend(AttentionBackend("cpu", cpu_paged.store_kv, cpu_paged.paged_attention))

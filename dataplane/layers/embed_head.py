@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataplane.distributed import all_reduce, gather_to_rank0, get_tp_rank, get_tp_size
+from dataplane.cpu_weights import INT8_DTYPE, int8_linear
 from dataplane.layers.linear import copy_weight
 
 
@@ -51,7 +52,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """hidden [N, hidden] -> logits [N, vocab] on rank 0; None on the other ranks."""
-        logits = F.linear(x, self.weight)
+        if self.weight.dtype == INT8_DTYPE:  # --cpu-weights int8 (dataplane/cpu_weights.py)
+            logits = int8_linear(x, self.weight, self.weight_scale)
+        else:
+            logits = F.linear(x, self.weight)
         if self.tp_size == 1:
             return logits
         parts = gather_to_rank0(logits.contiguous())

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataplane.distributed import all_reduce, divide, get_tp_rank, get_tp_size, local_num_kv_heads
-from dataplane.cpu_weights import INT4_DTYPE, bf16_linear, int4_linear
+from dataplane.cpu_weights import INT4_DTYPE, INT8_DTYPE, bf16_linear, int4_linear, int8_linear
 from dataplane.layers.fp8 import FP8_DTYPE, fp8_linear
 
 try:
@@ -67,6 +67,8 @@ class LinearBase(nn.Module):
         if self.weight.dtype != x.dtype:  # --cpu-weights, converted at load (dataplane/cpu_weights.py)
             if self.weight.dtype == INT4_DTYPE:
                 return int4_linear(x, self.weight, self.weight_scale_and_zero, bias)
+            if self.weight.dtype == INT8_DTYPE:
+                return int8_linear(x, self.weight, self.weight_scale, bias)
             return bf16_linear(x, self.weight, bias)
         if skinny_gemm is not None and skinny_gemm.use_for(x, self.weight):  # decode-sized M on CUDA
             return skinny_gemm.skinny_linear(x, self.weight, bias)

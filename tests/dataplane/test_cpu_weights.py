@@ -1,9 +1,9 @@
-"""--cpu-weights: the int4 packing convention, the conversion of linear layers, and the flag's resolution."""
+"""--cpu-weights: the int4 packing convention, int8, the conversion of linear layers, and the flag's resolution."""
 import pytest
 import torch
 
-from dataplane.cpu_weights import (convert_linear_layers, dequantize_int4, int4_linear, quantize_int4,
-                                   resolve_cpu_weights)
+from dataplane.cpu_weights import (convert_linear_layers, dequantize_int4, int4_linear, int8_linear, quantize_int4,
+                                   quantize_int8, resolve_cpu_weights)
 from dataplane.layers.linear import ReplicatedLinear
 
 
@@ -33,7 +33,7 @@ def test_int4_kernel_computes_with_the_dequantized_weight():
     torch.testing.assert_close(got, expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("cpu_weights", ["bf16", "int4"])
+@pytest.mark.parametrize("cpu_weights", ["bf16", "int4", "int8"])
 def test_converted_linear_stays_close_to_fp32(cpu_weights):
     torch.manual_seed(0)
     layer = ReplicatedLinear(128, 64, bias=True)
@@ -53,5 +53,38 @@ def test_flag_resolution():
     assert resolve_cpu_weights("auto", torch.device("cpu")) == "fp32"
     assert resolve_cpu_weights("int4", torch.device("cpu")) == "int4"
     assert resolve_cpu_weights("int4", torch.device("cuda")) == "fp32"  # the GPU path is untouched
-    with pytest.raises(ValueError, match="supported: auto, fp32, bf16, int4"):
-        resolve_cpu_weights("int8", torch.device("cpu"))
+    assert resolve_cpu_weights("int8", torch.device("cpu")) == "int8"
+    with pytest.raises(ValueError, match="supported: auto, fp32, bf16, int4, int8"):
+        resolve_cpu_weights("int2", torch.device("cpu"))
+
+
+def test_int8_kernel_computes_with_the_dequantized_weight():
+    torch.manual_seed(0)
+    weight, x = torch.randn(64, 128) * 0.02, torch.randn(3, 128)
+    codes, scale = quantize_int8(weight)
+    assert codes.dtype == torch.int8 and codes.abs().max() == 127
+    torch.testing.assert_close(codes.float() * scale[:, None], weight, rtol=0, atol=scale.max().item() / 2)
+    expected = x.bfloat16().float() @ (codes.float() * scale.bfloat16().float()[:, None]).t()
+    got = int8_linear(x, codes, scale.bfloat16())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
+
+
+def test_int8_converts_a_tied_lm_head_and_keeps_the_embedding_fp32():
+    from torch import nn
+
+    from dataplane.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.embed = VocabParallelEmbedding(96, 64)
+    model.head = ParallelLMHead(96, 64)
+    with torch.no_grad():
+        model.embed.weight.normal_()
+    model.head.weight = model.embed.weight
+    rows = model.embed.weight.detach().clone()
+    hidden = torch.randn(2, 64)
+    expected = model.head(hidden)
+    assert convert_linear_layers(model, "int8") == 1
+    assert model.head.weight.dtype == torch.int8 and torch.equal(model.embed.weight, rows)
+    torch.testing.assert_close(model.head(hidden), expected, rtol=0, atol=0.03 * expected.abs().max().item())
