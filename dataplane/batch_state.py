@@ -73,6 +73,11 @@ class StagedStep:
     penalty_tokens: PenaltyTokens | None
 
 
+def _has_repeats(slots: np.ndarray) -> bool:
+    """Whether a slot appears twice; the slots are in range (cheaper than np.unique)."""
+    return len(slots) > 1 and np.bincount(slots).max() > 1
+
+
 class BatchState:
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, num_blocks: int,
                  max_model_len: int, vocab_size: int, device: torch.device, max_num_batched_tokens: int = 0):
@@ -115,21 +120,10 @@ class BatchState:
         self.active[plan.drop_slots] = False
         self.has_last_token[plan.drop_slots] = False
 
-        new = plan.new_slots
-        self._check_slots(new, "new_slots")
-        if np.any(self.active[new]):
-            raise PlanError("new_slots: a slot is still in use; drop it first")
-        if len(np.unique(new)) != len(new):
-            raise PlanError("new_slots: a slot appears twice")
-        self.active[new] = True
-        self.has_last_token[new] = False
-        self.num_computed[new] = plan.new_num_cached_tokens
         for name in ("stop_ids", "cached_token_ids", "prompt_logprob_token_ids", "token_ids"):
             self._check_token_ids(getattr(plan, name), name)
-        for name in ("new_num_logprobs", "new_num_prompt_logprobs"):
-            if len(new) and getattr(plan, name).max() > self.vocab_size:
-                raise PlanError(f"{name}: more top logprobs than the vocabulary has ({self.vocab_size})")
-        self.sampling.admit(plan)
+        if len(plan.new_slots):
+            self._admit(plan)
 
         self._check_slots(plan.block_slots, "block_slots")
         if len(plan.block_ids):
@@ -157,11 +151,26 @@ class BatchState:
             self.sampling.apply_history(history)
         return None if staged is None else self._finish_inputs(staged)
 
+    def _admit(self, plan: StepPlan) -> None:
+        new = plan.new_slots
+        self._check_slots(new, "new_slots")
+        if np.any(self.active[new]):
+            raise PlanError("new_slots: a slot is still in use; drop it first")
+        if _has_repeats(new):
+            raise PlanError("new_slots: a slot appears twice")
+        for name in ("new_num_logprobs", "new_num_prompt_logprobs"):
+            if getattr(plan, name).max() > self.vocab_size:
+                raise PlanError(f"{name}: more top logprobs than the vocabulary has ({self.vocab_size})")
+        self.active[new] = True
+        self.has_last_token[new] = False
+        self.num_computed[new] = plan.new_num_cached_tokens
+        self.sampling.admit(plan)
+
     def _rewind(self, plan: StepPlan) -> None:
         """Speculative decoding: the KV of drafts the control plane rejected is no longer this slot's."""
         slots, counts = plan.rewind_slots, plan.rewind_num_tokens.astype(np.int64)
         self._check_slots(slots, "rewind_slots")
-        if not np.all(self.active[slots]) or len(np.unique(slots)) != len(slots):
+        if not np.all(self.active[slots]) or _has_repeats(slots):
             raise PlanError("rewind_slots: each must be a distinct slot in the batch")
         if np.any(counts > self.num_computed[slots]):
             raise PlanError("rewind_num_tokens: more than the slot has computed")
@@ -172,7 +181,7 @@ class BatchState:
         self._check_slots(slots, "run_slots")
         if not np.all(self.active[slots]):
             raise PlanError("run_slots: a slot that is not in the batch was scheduled")
-        if len(np.unique(slots)) != len(slots):
+        if _has_repeats(slots):
             raise PlanError("run_slots: a slot is scheduled twice")
         in_plan = (plan.run_flags & RUN_TOKENS_IN_PLAN) != 0
         if np.any(~in_plan & ~self.has_last_token[slots]):

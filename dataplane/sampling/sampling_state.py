@@ -55,6 +55,8 @@ class SamplingState:
     def stage_history(self, plan: StepPlan, stage: Stage) -> PenaltyHistory | None:
         """New sequences with penalties start from empty rows plus their prefix-cache hit,
         whose tokens never run here (the plan carries them as cached_token_ids)."""
+        if not len(plan.new_slots):
+            return None
         uses = plan.new_uses_penalties
         if not np.any(uses):
             return None
