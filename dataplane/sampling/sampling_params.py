@@ -126,7 +126,7 @@ class SlotSamplingParams:
         self.num_prompt_tokens = np.zeros(n, dtype=np.int64)
         # banned ids until min_tokens, one row per slot, padded with -1; widened on demand
         self.stop_ids = np.full((n, 0), -1, dtype=np.int64)
-        self._selection: SlotSelection | None = None  # select's last answer, until an admit changes params
+        self._selection: SlotSelection | None = None  # selection's last answer, until an admit changes params
 
     def admit(self, plan: StepPlan) -> None:
         new = plan.new_slots
@@ -150,19 +150,23 @@ class SlotSamplingParams:
         column = np.arange(len(stop_ids)) - np.repeat(np.cumsum(counts) - counts, counts)
         self.stop_ids[new[owner], column] = stop_ids
 
-    def select(self, slots: np.ndarray) -> SlotSelection:
-        """The params of rows sampling at `slots`; the last selection again when neither the slots
-        nor any slot's params (admit) changed since."""
+    def selection(self, slots: np.ndarray) -> SlotSelection:
+        """select(slots), or its last answer again when neither the slots nor any slot's params (admit)
+        changed since."""
         last = self._selection
-        if last is not None and np.array_equal(last.slots, slots):
-            return last
-        slots = np.array(slots)  # the caller's array may change; the comparison above needs these
+        if last is None or not np.array_equal(last.slots, slots):
+            self._selection = self.select(np.array(slots))  # a copy: the caller's array may change
+        return self._selection
+
+    def select(self, slots: np.ndarray) -> SlotSelection:
+        """What the rows sampling at `slots` take from their params."""
         penalty_rows = np.flatnonzero(self.uses_penalties[slots])
         penalty_slots = slots[penalty_rows]
         stop_rows = np.flatnonzero(np.any(self.stop_ids[slots] >= 0, axis=1))
         stop_slots = slots[stop_rows]
         logprob_rows = np.flatnonzero(self.num_logprobs[slots] >= 0)
-        self._selection = SlotSelection(
+        penalty_rows.flags.writeable = logprob_rows.flags.writeable = False  # every step's SamplingInputs has them
+        return SlotSelection(
             slots=slots,
             sampler_columns=PackedColumns({name: getattr(self, name)[slots] for name in SAMPLER_COLUMNS}
                                           | {"positions": np.zeros(len(slots), dtype=np.int64)}),
@@ -175,11 +179,10 @@ class SlotSamplingParams:
             stop_ids=self.stop_ids[stop_slots],
             ban_until_position=self.num_prompt_tokens[stop_slots] + self.min_tokens[stop_slots],
         )
-        return self._selection
 
     def gather(self, slots: np.ndarray, positions: np.ndarray, as_tensor=None) -> SamplingInputs:
         """The inputs of rows sampling at `slots`, the token being sampled at `positions`.
         as_tensor(array, dtype) may be a packed upload whose data lands later: launch no device op here."""
         device = self.device
         as_tensor = as_tensor or (lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt))
-        return self.select(slots).gather(positions, as_tensor)
+        return self.selection(slots).gather(positions, as_tensor)

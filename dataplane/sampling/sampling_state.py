@@ -87,7 +87,7 @@ class SamplingState:
         """The inputs of the rows sampling at `slots` (the tokens sampled at `positions`), and the Sampler's
         plan for them, decided on the host."""
         params = self.params
-        selection = params.select(slots)
+        selection = params.selection(slots)
         if self._decided is None or self._decided[0] is not selection:
             # the plan needs whether a row is seeded, not its seed
             self._decided = selection, decide_sampling(
