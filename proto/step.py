@@ -83,7 +83,11 @@ RESULT_ARRAYS: dict[str, np.dtype] = {
 
 
 def _empty(dtype: np.dtype):
-    return field(default_factory=lambda: np.zeros(0, dtype))
+    # one read-only array shared by every default (cheaper than a new one per field and plan): plan and result
+    # arrays are never written in place, and those decoded from the wire are read-only as well
+    empty = np.zeros(0, dtype)
+    empty.flags.writeable = False
+    return field(default_factory=lambda: empty)
 
 
 class _StepPlanMethods:
