@@ -26,7 +26,7 @@ class SamplingInputs:
     # rows with a penalty (host), their slots, and PenaltyState.apply's per-row penalties by name
     penalty_rows: np.ndarray
     penalty_slots: torch.Tensor  # i64
-    penalty_args: dict[str, torch.Tensor]
+    penalty_args: dict[str, torch.Tensor]  # empty when no row has a penalty
     # min_tokens: (row, token id) pairs to ban
     ban_rows: torch.Tensor  # i64
     ban_token_ids: torch.Tensor  # i64
@@ -39,6 +39,7 @@ def _host_dtype(wire: str) -> np.dtype:
     return np.dtype(bool) if wire == "u1" else np.dtype(wire).newbyteorder("=")
 
 
+_NO_ROWS = np.zeros(0, dtype=np.int64)
 _TORCH_DTYPE = {"f": torch.float32, "i": torch.long, "b": torch.bool}  # by numpy kind
 SAMPLER_COLUMNS = tuple(c.slot for o in DATAPLANE_OPTIONS if o.reads == "sampler" for c in o.columns)
 PENALTY_COLUMNS = tuple(c.slot for o in DATAPLANE_OPTIONS if o.reads == "penalties" for c in o.columns)
@@ -95,18 +96,21 @@ class SlotSelection:
         """The step's SamplingInputs for the tokens sampled at `positions` (one per row)."""
         self.sampler_columns.set("positions", positions)
         sampler_args = self.sampler_columns.upload(as_tensor)
-        # min_tokens: rows that have produced fewer outputs than that ban their stop ids
-        banning = np.flatnonzero(positions[self.stop_rows] < self.ban_until_position)
-        ids = self.stop_ids[banning]
-        ban_row, ban_column = np.nonzero(ids >= 0)
+        ban_rows = ban_token_ids = _NO_ROWS
+        if len(self.stop_rows):
+            # min_tokens: rows that have produced fewer outputs than that ban their stop ids
+            banning = np.flatnonzero(positions[self.stop_rows] < self.ban_until_position)
+            ids = self.stop_ids[banning]
+            ban_row, ban_column = np.nonzero(ids >= 0)
+            ban_rows, ban_token_ids = self.stop_rows[banning][ban_row], ids[ban_row, ban_column]
         return SamplingInputs(
             sampler_args=sampler_args,
             positions=sampler_args.pop("positions"),  # it goes up with the integer params
             penalty_rows=self.penalty_rows,
             penalty_slots=as_tensor(self.penalty_slots, torch.long),
-            penalty_args=self.penalty_columns.upload(as_tensor),
-            ban_rows=as_tensor(self.stop_rows[banning][ban_row], torch.long),
-            ban_token_ids=as_tensor(ids[ban_row, ban_column], torch.long),
+            penalty_args=self.penalty_columns.upload(as_tensor) if len(self.penalty_rows) else {},
+            ban_rows=as_tensor(ban_rows, torch.long),
+            ban_token_ids=as_tensor(ban_token_ids, torch.long),
             logprob_rows=self.logprob_rows,
             num_top_logprobs=self.num_top_logprobs,
         )
