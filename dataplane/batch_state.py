@@ -24,7 +24,8 @@ from dataplane.host_transfer import Uploads
 from dataplane.sampling.sampler import SamplerPlan
 from dataplane.sampling.sampling_params import SamplingInputs
 from dataplane.sampling.sampling_state import PenaltyTokens, SamplingState
-from proto.step import RUN_PROMPT_LOGPROBS, RUN_SAMPLE, RUN_SPECULATIVE, RUN_TOKENS_IN_PLAN, StepPlan
+from dataplane.step_layout import StepLayouts
+from proto.step import RUN_PROMPT_LOGPROBS, RUN_TOKENS_IN_PLAN, StepPlan
 
 
 class PlanError(ValueError):
@@ -73,6 +74,11 @@ class StagedStep:
     penalty_tokens: PenaltyTokens | None
 
 
+def _has_repeats(slots: np.ndarray) -> bool:
+    """Whether a slot appears twice; the slots are in range (cheaper than np.unique)."""
+    return len(slots) > 1 and np.bincount(slots).max() > 1
+
+
 class BatchState:
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, num_blocks: int,
                  max_model_len: int, vocab_size: int, device: torch.device, max_num_batched_tokens: int = 0):
@@ -88,6 +94,7 @@ class BatchState:
         self.active = np.zeros(max_num_seqs, dtype=bool)
         self.has_last_token = np.zeros(max_num_seqs, dtype=bool)
         self.sampling = SamplingState(max_num_seqs, vocab_size, device)
+        self.layouts = StepLayouts()
         self.last_token = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
         self.block_tables_device = torch.zeros((max_num_seqs, max_blocks_per_seq), dtype=torch.int32, device=device)
         # a full step's ids, positions and slot mapping, plus a few int64 per slot; a bigger step grows it
@@ -115,21 +122,10 @@ class BatchState:
         self.active[plan.drop_slots] = False
         self.has_last_token[plan.drop_slots] = False
 
-        new = plan.new_slots
-        self._check_slots(new, "new_slots")
-        if np.any(self.active[new]):
-            raise PlanError("new_slots: a slot is still in use; drop it first")
-        if len(np.unique(new)) != len(new):
-            raise PlanError("new_slots: a slot appears twice")
-        self.active[new] = True
-        self.has_last_token[new] = False
-        self.num_computed[new] = plan.new_num_cached_tokens
         for name in ("stop_ids", "cached_token_ids", "prompt_logprob_token_ids", "token_ids"):
             self._check_token_ids(getattr(plan, name), name)
-        for name in ("new_num_logprobs", "new_num_prompt_logprobs"):
-            if len(new) and getattr(plan, name).max() > self.vocab_size:
-                raise PlanError(f"{name}: more top logprobs than the vocabulary has ({self.vocab_size})")
-        self.sampling.admit(plan)
+        if len(plan.new_slots):
+            self._admit(plan)
 
         self._check_slots(plan.block_slots, "block_slots")
         if len(plan.block_ids):
@@ -157,11 +153,26 @@ class BatchState:
             self.sampling.apply_history(history)
         return None if staged is None else self._finish_inputs(staged)
 
+    def _admit(self, plan: StepPlan) -> None:
+        new = plan.new_slots
+        self._check_slots(new, "new_slots")
+        if np.any(self.active[new]):
+            raise PlanError("new_slots: a slot is still in use; drop it first")
+        if _has_repeats(new):
+            raise PlanError("new_slots: a slot appears twice")
+        for name in ("new_num_logprobs", "new_num_prompt_logprobs"):
+            if getattr(plan, name).max() > self.vocab_size:
+                raise PlanError(f"{name}: more top logprobs than the vocabulary has ({self.vocab_size})")
+        self.active[new] = True
+        self.has_last_token[new] = False
+        self.num_computed[new] = plan.new_num_cached_tokens
+        self.sampling.admit(plan)
+
     def _rewind(self, plan: StepPlan) -> None:
         """Speculative decoding: the KV of drafts the control plane rejected is no longer this slot's."""
         slots, counts = plan.rewind_slots, plan.rewind_num_tokens.astype(np.int64)
         self._check_slots(slots, "rewind_slots")
-        if not np.all(self.active[slots]) or len(np.unique(slots)) != len(slots):
+        if not np.all(self.active[slots]) or _has_repeats(slots):
             raise PlanError("rewind_slots: each must be a distinct slot in the batch")
         if np.any(counts > self.num_computed[slots]):
             raise PlanError("rewind_num_tokens: more than the slot has computed")
@@ -172,7 +183,7 @@ class BatchState:
         self._check_slots(slots, "run_slots")
         if not np.all(self.active[slots]):
             raise PlanError("run_slots: a slot that is not in the batch was scheduled")
-        if len(np.unique(slots)) != len(slots):
+        if _has_repeats(slots):
             raise PlanError("run_slots: a slot is scheduled twice")
         in_plan = (plan.run_flags & RUN_TOKENS_IN_PLAN) != 0
         if np.any(~in_plan & ~self.has_last_token[slots]):
@@ -185,59 +196,37 @@ class BatchState:
 
     def _stage_inputs(self, plan: StepPlan) -> StagedStep:
         stage = self.uploads.stage
-        slots = plan.run_slots.astype(np.int64)
-        counts = plan.run_num_tokens.astype(np.int64)
-        in_plan = (plan.run_flags & RUN_TOKENS_IN_PLAN) != 0
-        sample = (plan.run_flags & RUN_SAMPLE) != 0
+        layout = self.layouts.of(plan)
+        slots, token_slots = layout.slots, layout.token_slots
         start = self.num_computed[slots]
-        seq_lens = start + counts
+        seq_lens = start + layout.counts
         max_blocks = int((seq_lens.max() + self.block_size - 1) // self.block_size)
-
-        cu_seqlens = np.zeros(len(slots) + 1, dtype=np.int64)
-        np.cumsum(counts, out=cu_seqlens[1:])
-        num_tokens = int(cu_seqlens[-1])
-        # position of every token: its sequence's start + its offset within the entry
-        entry_of_token = np.repeat(np.arange(len(slots)), counts)
-        positions = start[entry_of_token] + (np.arange(num_tokens) - cu_seqlens[entry_of_token])
-        token_slots = slots[entry_of_token]
+        positions = start[layout.entry_of_token] + layout.offset_of_token
         block_ids = self.block_tables[token_slots, positions // self.block_size].astype(np.int64)
         slot_mapping = block_ids * self.block_size + positions % self.block_size
         self.num_computed[slots] = seq_lens
 
         # input ids: the plan's tokens where it has them; decodes read the slot's last sampled token on the device
-        token_in_plan = in_plan[entry_of_token]
         ids = None
         if len(plan.token_ids):
-            host_ids = np.zeros(num_tokens, dtype=np.int64)
-            host_ids[token_in_plan] = plan.token_ids
+            host_ids = np.zeros(layout.num_tokens, dtype=np.int64)
+            host_ids[layout.token_in_plan] = plan.token_ids
             ids = stage(host_ids, torch.long)
         decode_rows = decode_slots = None
-        if not np.all(in_plan):
-            decode_rows = stage(np.flatnonzero(~token_in_plan), torch.long)
-            decode_slots = stage(slots[~in_plan], torch.long)
+        if layout.decode_rows is not None:
+            decode_rows, decode_slots = stage(layout.decode_rows, torch.long), stage(layout.decode_slots, torch.long)
         penalty_tokens = self.sampling.stage_token_rows(token_slots, positions, stage)
 
-        # a sampling entry samples its last row; a speculative one its last drafts + 1 rows (docs/speculative.md)
-        rows_per_entry = sample.astype(np.int64)
-        spec = (plan.run_flags & RUN_SPECULATIVE) != 0
-        rows_per_entry[spec] += plan.spec_num_drafts
-        rows_per_entry = rows_per_entry[sample]
-        row_entry = np.repeat(np.flatnonzero(sample), rows_per_entry)
-        # k-th row from the end of its entry (0 = the last)
-        back = np.repeat(np.cumsum(rows_per_entry), rows_per_entry) - 1 - np.arange(int(rows_per_entry.sum()))
-        sample_rows = cu_seqlens[1:][row_entry] - 1 - back
-        sampled_slots = slots[row_entry]
-        sampling, sampler_plan = self.sampling.gather(sampled_slots, seq_lens[row_entry] - back, stage)
+        sampled_slots = layout.sampled_slots
+        sampling, sampler_plan = self.sampling.gather(sampled_slots, seq_lens[layout.row_entry] - layout.row_back,
+                                                      stage)
         grammar_rows = plan.grammar_rows
-        if len(grammar_rows) and np.any(spec):  # they index sampling entries; the logits have a row per sample
-            grammar_rows = (np.cumsum(rows_per_entry) - 1)[grammar_rows]
-        query_start, attn_seq_lens, attn_slots, max_query_len = cu_seqlens, seq_lens, slots, int(counts.max())
-        if np.any(spec) and np.all(spec | (counts == 1)):
-            # A decode step with drafts: each token becomes a one-token query over its slot's blocks that
-            # sees the context up to itself (every token's KV is stored before attention in each layer),
-            # which is the causal verification, run by the decode kernels and their CUDA graphs.
-            query_start = np.arange(num_tokens + 1, dtype=np.int64)
-            attn_seq_lens, attn_slots, max_query_len = positions + 1, token_slots, 1
+        if len(grammar_rows) and layout.any_speculative:  # they index sampling entries; the logits have a row per sample
+            grammar_rows = (np.cumsum(layout.rows_per_entry) - 1)[grammar_rows]
+        query_start, attn_seq_lens, attn_slots = layout.cu_seqlens, seq_lens, slots
+        if layout.one_query_per_token:
+            query_start = np.arange(layout.num_tokens + 1, dtype=np.int64)
+            attn_seq_lens, attn_slots = positions + 1, token_slots
         inputs = StepInputs(
             input_ids=None,  # _finish_inputs: from ids and the slots' last sampled tokens
             positions=stage(positions, torch.long),
@@ -246,16 +235,16 @@ class BatchState:
                 query_start_loc=stage(query_start, torch.int32),
                 seq_lens=stage(attn_seq_lens, torch.int32),
                 block_tables=stage(attn_slots, torch.long),  # the rows to gather, replaced in _finish_inputs
-                max_query_len=max_query_len,
+                max_query_len=layout.max_query_len,
                 max_seq_len=int(seq_lens.max()),
                 query_start_loc_cpu=query_start.tolist(),
                 seq_lens_cpu=attn_seq_lens.tolist(),
             ),
-            sample_indices=stage(sample_rows, torch.long),
-            samples_every_row=bool(np.array_equal(sample_rows, np.arange(num_tokens))),
+            sample_indices=stage(layout.sample_rows, torch.long),
+            samples_every_row=layout.samples_every_row,
             sampled_slots=sampled_slots.astype(np.int32),
             sampling=sampling,
-            prompt_logprobs=self._prompt_logprob_inputs(plan, cu_seqlens),
+            prompt_logprobs=self._prompt_logprob_inputs(plan, layout.cu_seqlens),
             sampled_index=stage(sampled_slots, torch.long),
             logprob_index=stage(sampling.logprob_rows, torch.long),
             penalty_index=stage(sampling.penalty_rows, torch.long),

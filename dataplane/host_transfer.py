@@ -61,7 +61,7 @@ class Uploads:
         self._next = 0
         self._wanted = capacity_bytes
         self._slot: _RingSlot | None = None
-        self._host: np.ndarray | None = None
+        self._host_typed: dict[torch.dtype, np.ndarray] = {}  # the step's host buffer, viewed as each dtype
         self._device_buffer: torch.Tensor | None = None
         self._used = 0
         self._typed: dict[torch.dtype, torch.Tensor] = {}
@@ -74,26 +74,28 @@ class Uploads:
         slot.wait()
         if slot.buffer.numel() < self._wanted:  # a step overflowed before: grow, geometrically
             slot.buffer = _host_buffer(max(self._wanted, 2 * slot.buffer.numel()), self.device)
-        self._slot, self._host, self._used = slot, slot.buffer.numpy(), 0
+        self._slot, self._used = slot, 0
+        host = slot.buffer.numpy()
+        self._host_typed = {dtype: host.view(np_dtype) for dtype, np_dtype in _NUMPY_DTYPES.items()}
         # fresh from the caching allocator: stream order makes reuse safe, and a step's views stay valid
         self._device_buffer = torch.empty(slot.buffer.numel(), dtype=torch.uint8, device=self.device)
         self._typed = {dtype: self._device_buffer.view(dtype) for dtype in _NUMPY_DTYPES}
 
     def stage(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         """array as a device tensor of dtype (int64, int32, float32 or bool); filled by flush()."""
-        a = np.ascontiguousarray(array, dtype=_NUMPY_DTYPES[dtype])
-        if a.size == 0:
-            return self._empty(a.shape, dtype)
-        start = self._used
-        end = start + a.nbytes
-        if end > len(self._host):  # rare (a huge prefill): this array travels alone, the next step has room
-            self._wanted = max(self._wanted, 2 * end)
-            return self._copy_alone(a, dtype)
-        self._host[start:end] = a.reshape(-1).view(np.uint8)
-        self._used = -(-end // _ALIGN) * _ALIGN
-        first = start // a.itemsize
-        flat = self._typed[dtype][first:first + a.size]
-        return flat if a.ndim == 1 else flat.view(a.shape)
+        size = array.size
+        if size == 0:
+            return self._empty(array.shape, dtype)
+        host = self._host_typed[dtype]
+        first = self._used // host.itemsize
+        end = first + size
+        if end > len(host):  # rare (a huge prefill): this array travels alone, the next step has room
+            self._wanted = max(self._wanted, 2 * end * host.itemsize)
+            return self._copy_alone(np.ascontiguousarray(array, dtype=host.dtype), dtype)
+        host[first:end] = array.reshape(-1)  # numpy casts to the staged dtype
+        self._used = -(-end * host.itemsize // _ALIGN) * _ALIGN
+        flat = self._typed[dtype][first:end]
+        return flat if array.ndim == 1 else flat.view(array.shape)
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         key = (shape, dtype)  # never written: one per shape will do
@@ -113,7 +115,7 @@ class Uploads:
         if self._used:
             self._device_buffer[:self._used].copy_(self._slot.buffer[:self._used], non_blocking=True)
         self._slot.record()
-        self._slot = self._host = None
+        self._slot, self._host_typed = None, {}
 
 
 class PendingCopy:

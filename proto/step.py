@@ -82,8 +82,21 @@ RESULT_ARRAYS: dict[str, np.dtype] = {
 }
 
 
+_EMPTY: dict[np.dtype, np.ndarray] = {}
+
+
+def empty_array(dtype: np.dtype) -> np.ndarray:
+    """A read-only empty array of dtype, one shared by all (cheaper than a new one per field and plan): plan and
+    result arrays are never written in place, and those decoded from the wire are read-only as well."""
+    if dtype not in _EMPTY:
+        _EMPTY[dtype] = np.zeros(0, dtype)
+        _EMPTY[dtype].flags.writeable = False
+    return _EMPTY[dtype]
+
+
 def _empty(dtype: np.dtype):
-    return field(default_factory=lambda: np.zeros(0, dtype))
+    empty = empty_array(dtype)
+    return field(default_factory=lambda: empty)
 
 
 class _StepPlanMethods:

@@ -21,7 +21,8 @@ import numpy as np
 
 from controlplane.core.sequence import Sequence
 from proto.sampling_schema import DATAPLANE_OPTIONS, column_values
-from proto.step import PLAN_ARRAYS, RUN_PROMPT_LOGPROBS, RUN_SAMPLE, RUN_SPECULATIVE, RUN_TOKENS_IN_PLAN, StepPlan
+from proto.step import (PLAN_ARRAYS, RUN_PROMPT_LOGPROBS, RUN_SAMPLE, RUN_SPECULATIVE, RUN_TOKENS_IN_PLAN, StepPlan,
+                        empty_array)
 
 
 @dataclass(slots=True)
@@ -88,6 +89,8 @@ class StepRuns:
 
 
 def _array(name: str, values: list) -> np.ndarray:
+    if not values:
+        return empty_array(PLAN_ARRAYS[name])
     return np.fromiter(values, dtype=PLAN_ARRAYS[name], count=len(values))  # a third faster than np.asarray
 
 

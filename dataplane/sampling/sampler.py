@@ -53,19 +53,43 @@ class SamplerPlan:
     seeded_rows: torch.Tensor | None  # i64 rows drawn from their seed; None when none is
 
 
-def plan_sampling(temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, min_p: np.ndarray,
-                  has_seed: np.ndarray, vocab_size: int, as_index: Callable[[np.ndarray], torch.Tensor]) -> SamplerPlan:
-    """The per-row params as numpy arrays; as_index turns a numpy row set into a device tensor."""
+@dataclass(slots=True, frozen=True)
+class SamplingDecision:
+    """A SamplerPlan on the host: its row sets as numpy arrays, before they go to the device."""
+
+    all_greedy: bool
+    all_seeded: bool
+    any_min_p: bool
+    filter_rows: np.ndarray
+    filter_all: bool
+    seeded_rows: np.ndarray
+
+    def plan(self, as_index: Callable[[np.ndarray], torch.Tensor]) -> SamplerPlan:
+        """as_index turns a numpy row set into a device tensor."""
+        return SamplerPlan(
+            all_greedy=self.all_greedy, all_seeded=self.all_seeded, any_min_p=self.any_min_p,
+            filter_rows=as_index(self.filter_rows) if len(self.filter_rows) else None,
+            filter_all=self.filter_all,
+            seeded_rows=as_index(self.seeded_rows) if len(self.seeded_rows) else None)
+
+
+def decide_sampling(temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, min_p: np.ndarray,
+                    has_seed: np.ndarray, vocab_size: int) -> SamplingDecision:
+    """The per-row params as numpy arrays."""
     greedy = temperature.astype(np.float32) < np.float32(GREEDY_TEMPERATURE)
     needs_filter = ~greedy & (((top_k > 0) & (top_k < vocab_size)) | (top_p < 1.0) | (min_p > 0.0))
     seeded = has_seed.astype(bool) & ~greedy
-    filter_rows, seeded_rows = np.flatnonzero(needs_filter), np.flatnonzero(seeded)
-    return SamplerPlan(
+    filter_rows = np.flatnonzero(needs_filter)
+    return SamplingDecision(
         all_greedy=bool(greedy.all()), all_seeded=bool((seeded | greedy).all()),
         any_min_p=bool((~greedy & (min_p > 0.0)).any()),
-        filter_rows=as_index(filter_rows) if len(filter_rows) else None,
-        filter_all=len(filter_rows) == len(greedy),
-        seeded_rows=as_index(seeded_rows) if len(seeded_rows) else None)
+        filter_rows=filter_rows, filter_all=len(filter_rows) == len(greedy), seeded_rows=np.flatnonzero(seeded))
+
+
+def plan_sampling(temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, min_p: np.ndarray,
+                  has_seed: np.ndarray, vocab_size: int, as_index: Callable[[np.ndarray], torch.Tensor]) -> SamplerPlan:
+    """The per-row params as numpy arrays; as_index turns a numpy row set into a device tensor."""
+    return decide_sampling(temperature, top_p, top_k, min_p, has_seed, vocab_size).plan(as_index)
 
 
 class Sampler:

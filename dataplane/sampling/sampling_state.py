@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from dataplane.sampling.penalties import PenaltyState
-from dataplane.sampling.sampler import SamplerPlan, plan_sampling
-from dataplane.sampling.sampling_params import SAMPLER_COLUMNS, SamplingInputs, SlotSamplingParams
+from dataplane.sampling.sampler import SamplerPlan, SamplingDecision, decide_sampling
+from dataplane.sampling.sampling_params import SAMPLER_COLUMNS, SamplingInputs, SlotSamplingParams, SlotSelection
 from proto.step import StepPlan
 
 Stage = Callable[[np.ndarray, torch.dtype], torch.Tensor]  # a host array into the step's upload
@@ -46,6 +46,7 @@ class SamplingState:
         self.vocab_size = vocab_size
         self.params = SlotSamplingParams(max_num_seqs, device)
         self.penalties = PenaltyState(max_num_seqs, vocab_size, device)
+        self._decided: tuple[SlotSelection, SamplingDecision] | None = None  # gather's last, for its selection
 
     def admit(self, plan: StepPlan) -> None:
         """The plan's new sequences' params, at their slots (host only)."""
@@ -54,6 +55,8 @@ class SamplingState:
     def stage_history(self, plan: StepPlan, stage: Stage) -> PenaltyHistory | None:
         """New sequences with penalties start from empty rows plus their prefix-cache hit,
         whose tokens never run here (the plan carries them as cached_token_ids)."""
+        if not len(plan.new_slots):
+            return None
         uses = plan.new_uses_penalties
         if not np.any(uses):
             return None
@@ -84,11 +87,13 @@ class SamplingState:
         """The inputs of the rows sampling at `slots` (the tokens sampled at `positions`), and the Sampler's
         plan for them, decided on the host."""
         params = self.params
-        inputs = params.gather(slots, positions, as_tensor=stage)
-        # the plan needs whether a row is seeded, not its seed
-        plan = plan_sampling(**{name: getattr(params, name)[slots] for name in SAMPLER_COLUMNS if name != "seed"},
-                             vocab_size=self.vocab_size, as_index=lambda rows: stage(rows, torch.long))
-        return inputs, plan
+        selection = params.selection(slots)
+        if self._decided is None or self._decided[0] is not selection:
+            # the plan needs whether a row is seeded, not its seed
+            self._decided = selection, decide_sampling(
+                **{name: getattr(params, name)[selection.slots] for name in SAMPLER_COLUMNS if name != "seed"},
+                vocab_size=self.vocab_size)
+        return selection.gather(positions, stage), self._decided[1].plan(lambda rows: stage(rows, torch.long))
 
     def num_top_prompt_logprobs(self, slots: np.ndarray) -> int:
         """The most prompt logprobs any of the sequences at `slots` asked for."""
