@@ -22,10 +22,12 @@ import triton.language as tl
 
 from dataplane.layers.fused_ops import enabled_for
 
-# Largest M sent here; above it cuBLAS's tensor-core tiles win. Set from benchmarks/gemm_shapes.py; the
-# environment variable overrides it (0 sends every matmul to cuBLAS), for measuring on another GPU.
+# Largest M sent here (0: none, every matmul stays with cuBLAS). Measured with benchmarks/gemm_shapes.py on an
+# H100 (docs/benchmarks.md): at Qwen3-0.6B's shapes cuBLAS is as fast or faster at every M, and at Llama-3-8B's
+# this kernel wins by at most 5% up to M 16; so off by default. The environment variable sets it, to measure
+# the kernel on another GPU.
 MAX_M_ENV = "NANOPLANE_SKINNY_GEMM_MAX_M"
-MAX_M = int(os.environ.get(MAX_M_ENV, "256"))
+MAX_M = int(os.environ.get(MAX_M_ENV, "0"))
 DTYPES = (torch.bfloat16, torch.float16)
 MIN_SLICE_STEPS = 2  # shorter K slices spend more on fp32 partials than they gain in parallelism
 
