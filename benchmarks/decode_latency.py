@@ -31,9 +31,10 @@ from controlplane.core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from controlplane.core.sequence import SamplingOptions, Sequence  # noqa: E402
 
 
-def decode_step_times(dataplane: LocalDataPlane, batch_size: int, context: int, steps: int,
-                      vocab_size: int, around_timed=contextlib.nullcontext) -> tuple[list[float], list[float]]:
-    """around_timed: a context manager entered around the timed steps alone (a profiler)."""
+def prefilled_scheduler(dataplane: LocalDataPlane, batch_size: int, context: int, max_tokens: int,
+                        vocab_size: int, step) -> Scheduler:
+    """A Scheduler over batch_size greedy sequences of `context` random prompt tokens (seed 0), a fresh
+    stream on the data plane, and `step(scheduler)` run until every prompt is prefilled."""
     facts = dataplane.runner.facts()
     scheduler = Scheduler(SchedulerConfig(
         num_blocks=facts.num_kv_blocks, block_size=facts.block_size, max_num_seqs=facts.max_num_seqs,
@@ -41,11 +42,18 @@ def decode_step_times(dataplane: LocalDataPlane, batch_size: int, context: int, 
     rng = np.random.default_rng(0)
     for i in range(batch_size):
         prompt = rng.integers(0, vocab_size, context).tolist()
-        scheduler.add(Sequence(f"s{i}", prompt, SamplingOptions(max_tokens=steps + 20, temperature=0.0,
+        scheduler.add(Sequence(f"s{i}", prompt, SamplingOptions(max_tokens=max_tokens, temperature=0.0,
                                                                 ignore_eos=True)))
     dataplane.open_stream()
+    while scheduler.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in scheduler.running):
+        step(scheduler)
+    return scheduler
 
-    def one_step() -> tuple[float, float]:
+
+def decode_step_times(dataplane: LocalDataPlane, batch_size: int, context: int, steps: int,
+                      vocab_size: int, around_timed=contextlib.nullcontext) -> tuple[list[float], list[float]]:
+    """around_timed: a context manager entered around the timed steps alone (a profiler)."""
+    def one_step(scheduler: Scheduler) -> tuple[float, float]:
         start = time.perf_counter()
         plan = scheduler.schedule()
         before_execute = time.perf_counter()
@@ -54,29 +62,19 @@ def decode_step_times(dataplane: LocalDataPlane, batch_size: int, context: int, 
         scheduler.postprocess(plan, result)
         return time.perf_counter() - start, executed - before_execute
 
-    while scheduler.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in scheduler.running):
-        one_step()
+    scheduler = prefilled_scheduler(dataplane, batch_size, context, steps + 20, vocab_size, one_step)
     for _ in range(5):
-        one_step()
+        one_step(scheduler)
     with around_timed():
-        timings = [one_step() for _ in range(steps)]
+        timings = [one_step(scheduler) for _ in range(steps)]
     return [t for t, _ in timings], [e for _, e in timings]
 
 
 def overlapped_step_times(dataplane: LocalDataPlane, batch_size: int, context: int, steps: int,
                           vocab_size: int) -> list[float]:
     """Seconds between consecutive results of the engine's overlapped loop (one step in flight)."""
-    facts = dataplane.runner.facts()
-    scheduler = Scheduler(SchedulerConfig(
-        num_blocks=facts.num_kv_blocks, block_size=facts.block_size, max_num_seqs=facts.max_num_seqs,
-        max_num_batched_tokens=facts.max_num_batched_tokens, max_model_len=facts.max_model_len))
-    rng = np.random.default_rng(0)
-    for i in range(batch_size):
-        scheduler.add(Sequence(f"s{i}", rng.integers(0, vocab_size, context).tolist(),
-                               SamplingOptions(max_tokens=steps + 40, temperature=0.0, ignore_eos=True)))
-    dataplane.open_stream()
-    while scheduler.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in scheduler.running):
-        overlapped_step(scheduler, dataplane)
+    scheduler = prefilled_scheduler(dataplane, batch_size, context, steps + 40, vocab_size,
+                                    lambda scheduler: overlapped_step(scheduler, dataplane))
     for _ in range(10):
         overlapped_step(scheduler, dataplane)
     stamps = []
@@ -86,6 +84,23 @@ def overlapped_step_times(dataplane: LocalDataPlane, batch_size: int, context: i
     while scheduler.in_flight:  # the last result, so the next run starts from an idle data plane
         scheduler.postprocess(scheduler.in_flight[0].plan, dataplane.receive())
     return list(np.diff(stamps))
+
+
+def local_dataplane(model: str | None, max_model_len: int, enforce_eager: bool,
+                    extra_flags: list[str] = ()) -> LocalDataPlane:
+    """The data plane in this process on `model`, or on Qwen3-0.6B's architecture with random weights."""
+    from dataplane.config import DataPlaneConfig
+    from dataplane.main import build_parser
+    from proto.options import config_from_args
+
+    model_dir = model or tempfile.mkdtemp(prefix="nanoplane-latency-")
+    flags = ["--model", model_dir, "--max-model-len", str(max_model_len), *extra_flags]
+    if model is None:
+        Path(model_dir, "config.json").write_text(json.dumps(QWEN3_0_6B))
+        flags += ["--load-format", "dummy"]
+    if enforce_eager:
+        flags.append("--enforce-eager")
+    return LocalDataPlane(config_from_args(DataPlaneConfig, build_parser().parse_args(flags)))
 
 
 def summary(seconds: list[float]) -> dict:
@@ -104,19 +119,8 @@ def main() -> None:
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
 
-    from dataplane.config import DataPlaneConfig
-    from dataplane.main import build_parser
-    from proto.options import config_from_args
-
-    model_dir = args.model or tempfile.mkdtemp(prefix="nanoplane-latency-")
-    flags = ["--model", model_dir, "--max-model-len", str(args.context + args.steps + 64),
-             "--tensor-parallel-size", str(args.tensor_parallel_size)]
-    if args.model is None:
-        Path(model_dir, "config.json").write_text(json.dumps(QWEN3_0_6B))
-        flags += ["--load-format", "dummy"]
-    if args.enforce_eager:
-        flags.append("--enforce-eager")
-    dataplane = LocalDataPlane(config_from_args(DataPlaneConfig, build_parser().parse_args(flags)))
+    dataplane = local_dataplane(args.model, args.context + args.steps + 64, args.enforce_eager,
+                                ["--tensor-parallel-size", str(args.tensor_parallel_size)])
     facts = dataplane.runner.facts()
     rows = []
     try:

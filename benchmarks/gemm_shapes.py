@@ -22,8 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
-from triton.testing import do_bench
 
+from benchmarks.attention_kernels import L2_FLUSH_BYTES, copy_bandwidth, graph_ms
 from dataplane.layers.skinny_gemm import GemmConfig, pick_config, skinny_linear
 
 SHAPES = {  # name -> (N, K) of y = x @ W^T with W [N, K]
@@ -34,31 +34,12 @@ SHAPES = {  # name -> (N, K) of y = x @ W^T with W [N, K]
     "qwen3-0.6b.lm_head": (151936, 1024),
 }
 BATCHES = [1, 8, 32, 64, 128, 256]
-L2_FLUSH_BYTES = 256 << 20
 MIN_CALLS = 20
-
-
-def bench_ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
 def graph_us(step, calls: int) -> float:
     """Median time per call of `step` (which makes `calls` GEMM calls), replayed from a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return bench_ms(graph.replay) * 1e3 / calls
+    return graph_ms(step, calls) * 1e3
 
 
 class Case:

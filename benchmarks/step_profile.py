@@ -15,15 +15,14 @@ import argparse
 import json
 import re
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.decode_latency import decode_step_times  # noqa: E402
-from benchmarks.throughput import QWEN3_0_6B, LocalDataPlane  # noqa: E402
+from benchmarks.decode_latency import decode_step_times, local_dataplane  # noqa: E402
+from benchmarks.throughput import LocalDataPlane  # noqa: E402
 
 # first match wins; names of Triton kernels (ours), cuBLAS/CUTLASS GEMMs, torch's elementwise kernels
 KINDS = [
@@ -83,19 +82,8 @@ def main() -> None:
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
 
-    from dataplane.config import DataPlaneConfig
-    from dataplane.main import build_parser
-    from proto.options import config_from_args
-
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
-    model_dir = args.model or tempfile.mkdtemp(prefix="nanoplane-profile-")
-    flags = ["--model", model_dir, "--max-model-len", str(max(c for _, c in cases) + args.steps + 64)]
-    if args.model is None:
-        Path(model_dir, "config.json").write_text(json.dumps(QWEN3_0_6B))
-        flags += ["--load-format", "dummy"]
-    if args.enforce_eager:
-        flags.append("--enforce-eager")
-    dataplane = LocalDataPlane(config_from_args(DataPlaneConfig, build_parser().parse_args(flags)))
+    dataplane = local_dataplane(args.model, max(c for _, c in cases) + args.steps + 64, args.enforce_eager)
     vocab_size = dataplane.runner.facts().vocab_size
     rows = []
     try:
