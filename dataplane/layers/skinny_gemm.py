@@ -65,8 +65,9 @@ def _num_sms(device_index: int) -> int:
 
 def use_for(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether linear.py sends this matmul here: CUDA, half-precision weights, decode-sized M."""
-    return (enabled_for(x) and weight.dtype in DTYPES and x.dtype == weight.dtype
-            and weight.stride(-1) == 1 and x.numel() // x.shape[-1] <= MAX_M)
+    # MAX_M first: at 0 (the default) every matmul leaves at once, without reading the environment
+    return (MAX_M > 0 and x.numel() <= MAX_M * x.shape[-1] and enabled_for(x) and weight.dtype in DTYPES
+            and x.dtype == weight.dtype and weight.stride(-1) == 1)
 
 
 @triton.jit
